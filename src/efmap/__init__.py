@@ -1,0 +1,33 @@
+"""efmap: Explainable Feature Maps for PyTorch classifiers.
+
+Each input feature is reversed in turn (a cyclic shift by half the value
+range) and the fall of the model's top output is recorded as a heat map.
+Maps merge across a data set, and the features that matter are selected as
+landmarks.
+"""
+
+from efmap._version import __version__
+from efmap._warnings import EfmapWarning
+from efmap.evaluate import MaskedAccuracy, accuracy, masked_accuracy
+from efmap.landmarks import Landmarks, apply_mask, select_landmarks
+from efmap.merge import HeatMapAccumulator
+from efmap.normalize import minmax, quantize
+from efmap.reversal import reverse
+from efmap.scoring import Explanation, explain
+
+__all__ = [
+    "EfmapWarning",
+    "Explanation",
+    "HeatMapAccumulator",
+    "Landmarks",
+    "MaskedAccuracy",
+    "__version__",
+    "accuracy",
+    "apply_mask",
+    "explain",
+    "masked_accuracy",
+    "minmax",
+    "quantize",
+    "reverse",
+    "select_landmarks",
+]

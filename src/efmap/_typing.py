@@ -1,0 +1,26 @@
+"""Type aliases shared across efmap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Union
+
+import torch
+
+#: A closed interval ``(lo, hi)`` of input values.
+ValueRange = tuple[float, float]
+
+#: A model: anything that maps a batch ``(N, ...)`` to class scores.
+Model = Callable[[torch.Tensor], Any]
+
+#: Which classes to explain: one class for all inputs, one per input, or none (the predicted class).
+TargetType = Union[int, Sequence[int], torch.Tensor, None]
+
+#: How the perturbed output is read: the new maximum over all classes, or the target class.
+ScoreMode = Literal["max", "target"]
+
+#: A progress sink: ``True`` for a tqdm bar, a callable receiving ``(done, total)``, or ``False``.
+ProgressType = Union[bool, Callable[[int, int], None]]
+
+#: How maps are combined.
+Reduction = Literal["mean", "max", "sum"]

@@ -1,0 +1,191 @@
+"""Evaluation of landmarks: accuracy with only the landmarks kept, against random masks of the same size."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from efmap._checks import check_batch_size, check_floating
+from efmap._model import OutputFn, evaluation_mode, model_device_dtype, read_scores
+from efmap._typing import Model, ValueRange
+from efmap.landmarks import Fill, Landmarks, apply_mask
+
+__all__ = ["MaskedAccuracy", "accuracy", "masked_accuracy"]
+
+
+@dataclass(frozen=True)
+class MaskedAccuracy:
+    """Accuracy of a model on full inputs, with only the landmarks kept, and with random masks of the same size.
+
+    Attributes
+    ----------
+    full
+        Accuracy on the unmodified inputs.
+    landmarks
+        Accuracy with every feature outside the landmarks filled.
+    random
+        Accuracy for each seeded random mask that keeps as many features, shape ``(num_random,)``.
+    kept
+        Number of kept features.
+    total
+        Number of features in the mask.
+    """
+
+    full: float
+    landmarks: float
+    random: torch.Tensor
+    kept: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        """Kept features as a fraction of all features."""
+        return self.kept / self.total
+
+    @property
+    def random_mean(self) -> float:
+        """Mean accuracy over the random masks."""
+        return float(self.random.mean()) if self.random.numel() else math.nan
+
+    @property
+    def random_std(self) -> float:
+        """Sample standard deviation of the accuracy over the random masks (0 for a single mask)."""
+        return float(self.random.std()) if self.random.numel() > 1 else 0.0
+
+    def table(self) -> str:
+        """Return the results as a plain-text table."""
+        rows = [
+            ("full input", f"{self.full:.4f}", f"{self.total}", "1.0000"),
+            ("landmarks only", f"{self.landmarks:.4f}", f"{self.kept}", f"{self.fraction:.4f}"),
+            (
+                f"random masks (n={self.random.numel()})",
+                f"{self.random_mean:.4f} +/- {self.random_std:.4f}",
+                f"{self.kept}",
+                f"{self.fraction:.4f}",
+            ),
+        ]
+        header = ("input", "accuracy", "kept features", "kept fraction")
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        return "\n".join(lines)
+
+
+def accuracy(
+    model: Model,
+    inputs: torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    *,
+    batch_size: int = 256,
+    output_fn: OutputFn | None = None,
+) -> float:
+    """Return the fraction of ``inputs`` whose predicted class (the arg max of the scores) equals ``labels``."""
+    check_floating(inputs, "inputs")
+    label_tensor = _as_labels(labels, inputs.shape[0])
+    batch_size = check_batch_size(batch_size)
+    device, dtype = model_device_dtype(model)
+
+    correct = 0
+    with evaluation_mode(model), torch.inference_mode():
+        for start in range(0, inputs.shape[0], batch_size):
+            chunk = inputs[start : start + batch_size].to(device=device or inputs.device, dtype=dtype or inputs.dtype)
+            scores = read_scores(model(chunk), output_fn, chunk.shape[0], check=start == 0)
+            predicted = scores.argmax(dim=1).cpu()
+            correct += int((predicted == label_tensor[start : start + chunk.shape[0]]).sum())
+    return correct / max(inputs.shape[0], 1)
+
+
+def masked_accuracy(
+    model: Model,
+    inputs: torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    landmarks: Landmarks | torch.Tensor,
+    *,
+    fill: Fill = 0.0,
+    num_random: int = 10,
+    seed: int = 0,
+    batch_size: int = 256,
+    value_range: ValueRange = (-1.0, 1.0),
+    output_fn: OutputFn | None = None,
+) -> MaskedAccuracy:
+    """Measure how much accuracy the landmarks keep, and how much a random mask of the same size keeps.
+
+    The random masks are the honest control: if they keep as much accuracy as
+    the landmarks, the landmarks carry no special information.
+
+    Parameters
+    ----------
+    model
+        Classifier from ``(N, ...)`` to class scores ``(N, K)``.
+    inputs
+        Floating tensor ``(N, ..., *mask_shape)``, for example ``(N, C, H, W)``.
+    labels
+        True class per input, ``N`` integers.
+    landmarks
+        :class:`~efmap.Landmarks` or a boolean mask of kept features, for example ``(H, W)``.
+    fill
+        Value for removed features, as in :func:`~efmap.landmarks.apply_mask`. Default 0.0.
+    num_random
+        Number of random masks, each drawn uniformly among masks that keep the same number
+        of features. Default 10.
+    seed
+        Seed of the random masks; draw ``i`` uses ``seed + i``.
+    batch_size
+        Inputs per forward pass.
+    value_range
+        Input range, used by ``fill="reverse"``.
+    output_fn
+        Picks the class scores from a model that returns a tuple or dict.
+
+    Returns
+    -------
+    MaskedAccuracy
+        The accuracies, the kept count and fraction; ``table()`` formats them.
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` does not have one entry per input, the mask shape does not match the
+        inputs, or ``num_random`` is negative.
+    """
+    mask = landmarks.mask if isinstance(landmarks, Landmarks) else landmarks
+    check_floating(inputs, "inputs")
+    _as_labels(labels, inputs.shape[0])
+    apply_mask(inputs[:1], mask, fill, value_range=value_range)  # validates mask and fill before any forward pass
+    if isinstance(num_random, bool) or not isinstance(num_random, int) or num_random < 0:
+        raise ValueError(f"Expected `num_random` to be a non-negative integer, but got {num_random!r}.")
+
+    def score(kept: torch.Tensor) -> float:
+        masked = apply_mask(inputs, kept, fill, value_range=value_range)
+        return accuracy(model, masked, labels, batch_size=batch_size, output_fn=output_fn)
+
+    kept = int(mask.sum())
+    random_scores = []
+    for draw in range(num_random):
+        generator = torch.Generator().manual_seed(seed + draw)
+        order = torch.randperm(mask.numel(), generator=generator)
+        random_mask = torch.zeros(mask.numel(), dtype=torch.bool)
+        random_mask[order[:kept]] = True
+        random_scores.append(score(random_mask.reshape(mask.shape)))
+
+    return MaskedAccuracy(
+        full=accuracy(model, inputs, labels, batch_size=batch_size, output_fn=output_fn),
+        landmarks=score(mask),
+        random=torch.tensor(random_scores, dtype=torch.float64),
+        kept=kept,
+        total=mask.numel(),
+    )
+
+
+def _as_labels(labels: Sequence[int] | torch.Tensor, count: int) -> torch.Tensor:
+    tensor = torch.as_tensor(labels)
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        raise TypeError(f"Expected `labels` to be integer class labels, but got dtype {tensor.dtype}.")
+    if tensor.dim() != 1 or tensor.shape[0] != count:
+        raise ValueError(
+            f"Expected `labels` to have one entry per input ({count}), but got shape {tuple(tensor.shape)}."
+        )
+    return tensor.to(device="cpu", dtype=torch.int64)
