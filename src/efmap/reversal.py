@@ -56,5 +56,5 @@ def reverse(x: torch.Tensor, value_range: ValueRange = (-1.0, 1.0)) -> torch.Ten
     width = hi - lo
 
     reversed_values = lo + torch.remainder(x - lo + width / 2, width)
-    # Rounding in the addition can land a value just below hi exactly on hi; it belongs at lo on the cycle.
+    # Rounding in the addition can turn a value just below hi into hi itself, which is lo on the cycle.
     return torch.where(reversed_values >= hi, torch.full_like(reversed_values, lo), reversed_values)

@@ -1,6 +1,6 @@
 """Real faces that ship offline: the LFW subset bundled with scikit-image.
 
-``skimage.data.lfw_subset()`` holds 200 grayscale 25x25 images with values in
+``skimage.data.lfw_subset()`` contains 200 grayscale 25x25 images with values in
 ``[0, 1]``: rows 0-99 are faces from Labeled Faces in the Wild and rows
 100-199 are non-face patches. Here they become a two-class task
 (0 = face, 1 = non-face) with inputs mapped to ``[-1, 1]``.
