@@ -1,6 +1,7 @@
 import pytest
 import torch
-from hypothesis import given
+import numpy as np
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -38,12 +39,14 @@ def test_reverse_moves_every_value_by_one(x):
 
 
 @given(values)
+@example(np.array([1 - 2**-53, -1e-20, -0.0, 0.5 - 2**-54]))
 def test_reverse_is_involution(x):
     x = torch.from_numpy(x)
     torch.testing.assert_close(efmap.reverse(efmap.reverse(x)), x, rtol=0, atol=1e-12)
 
 
 @given(values)
+@example(np.array([1 - 2**-53, -1e-20]))
 def test_reverse_stays_in_range(x):
     y = efmap.reverse(torch.from_numpy(x))
     assert float(y.min()) >= -1.0

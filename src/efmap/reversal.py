@@ -15,7 +15,8 @@ def reverse(x: torch.Tensor, value_range: ValueRange = (-1.0, 1.0)) -> torch.Ten
     ``lo + ((x - lo + w / 2) mod w)``. Every value in ``[lo, hi)`` moves by
     exactly ``w / 2``, the largest distance that can be applied to all values
     alike, and reversing twice returns the input. The upper end ``hi`` maps
-    to the midpoint, as ``lo`` does.
+    to the midpoint, as ``lo`` does. Values outside the range are first
+    wrapped into it by the modular formula.
 
     Parameters
     ----------
@@ -55,6 +56,15 @@ def reverse(x: torch.Tensor, value_range: ValueRange = (-1.0, 1.0)) -> torch.Ten
     lo, hi = check_value_range(value_range)
     width = hi - lo
 
-    reversed_values = lo + torch.remainder(x - lo + width / 2, width)
-    # Rounding in the addition can turn a value just below hi into hi itself, which is lo on the cycle.
-    return torch.where(reversed_values >= hi, torch.full_like(reversed_values, lo), reversed_values)
+    half = width / 2
+    middle = lo + half
+
+    # Inside [lo, hi] the shift is a plain addition or subtraction of half the width: the modular form
+    # would round values just below hi up to a whole period and jump by the full width.
+    reversed_values = torch.where(x < middle, x + half, x - half)
+    # A value just below the middle can round up to hi, which is lo on the cycle.
+    reversed_values = torch.where(reversed_values >= hi, torch.full_like(reversed_values, lo), reversed_values)
+    outside = (x < lo) | (x > hi)
+    if bool(outside.any()):
+        reversed_values = torch.where(outside, lo + torch.remainder(x - lo + half, width), reversed_values)
+    return reversed_values
