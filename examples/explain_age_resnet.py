@@ -1,9 +1,9 @@
 """Explain the trained age-group ResNet on the Adience test split, merge the maps and select landmarks.
 
 For every test image of the split that ``train_age_resnet.py`` saved, each pixel
-is reversed in turn (all channels together) and the fall of the maximum output
-is recorded: ``efmap.explain(..., score="max")``, one image at a time with the
-perturbed copies scored in batches. Each finished map is written atomically to
+is reversed in turn (all channels together), and the fall of the maximum output
+is recorded with ``efmap.explain(..., score="max")``. Images are explained one
+at a time, and the perturbed copies of an image are scored in batches. Each finished map is written atomically to
 ``OUT/maps/``, so an interrupted run started again skips the finished images.
 When all maps exist the script
 
@@ -52,10 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to explain (default OUT/checkpoint.pt)")
     parser.add_argument("--split", type=Path, help="split file written by the training (default OUT/split.json)")
+
     parser.add_argument("--batch-size", type=int, default=256, help="perturbed copies per forward pass (default 256)")
     parser.add_argument(
         "--limit", type=int, default=0, help="explain only the first N test images, 0 for all (default 0)"
     )
+
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument(
         "--keep-fraction",
@@ -75,7 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--examples-per-class", type=int, default=3, help="single-image maps per group in the figure (default 3)"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default cuda if available, else cpu)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch, 0 for its default (default 0)")
     parser.add_argument(
         "--progress", action="store_true", help="show a progress bar of the forward passes (needs tqdm)"
@@ -85,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"), help="default INFO")
     args = parser.parse_args(argv)
+
     if args.batch_size < 1 or args.limit < 0 or args.stop_after < 0 or args.num_random < 0 or args.threads < 0:
         parser.error("--batch-size must be positive; --limit, --stop-after, --num-random and --threads not negative.")
     if args.keep_fraction is not None and not 0.0 <= args.keep_fraction <= 1.0:
@@ -165,14 +173,15 @@ def check_run(maps_dir: Path, identity: dict[str, Any]) -> None:
 def explain_images(args: argparse.Namespace, model: AgeResNet, data: AdienceDataset, maps_dir: Path) -> bool:
     """Explain every image that has no stored map yet; return True when all are done."""
     count = len(data) if not args.limit else min(args.limit, len(data))
-    finished = [i for i in range(count) if map_path(maps_dir, i).exists() or skip_path(maps_dir, i).exists()]
-    todo = [i for i in range(count) if i not in set(finished)]
+    finished = {i for i in range(count) if map_path(maps_dir, i).exists() or skip_path(maps_dir, i).exists()}
+    todo = [i for i in range(count) if i not in finished]
     logger.info("%d of %d test images already explained; explaining %d.", len(finished), count, len(todo))
 
     device = next(model.parameters()).device
     for done, index in enumerate(todo, start=1):
         item = data[index]
         if item is None:
+            # The marker keeps later runs from retrying the image; delete it to try again.
             write_text_atomic(json.dumps({"path": data.samples[index].path}), skip_path(maps_dir, index))
             continue
         image, label = item
@@ -200,6 +209,13 @@ def explain_images(args: argparse.Namespace, model: AgeResNet, data: AdienceData
             logger.info("Stopping after %d images as --stop-after requests; run again to continue.", done)
             return False
     data.report_skipped()
+    skipped = sorted(maps_dir.glob("*.skipped.json"))
+    if skipped:
+        logger.warning(
+            "%d test images could not be read and have no map; their paths are in %s and the like.",
+            len(skipped),
+            skipped[0],
+        )
     return True
 
 
@@ -217,7 +233,7 @@ def merge_maps(
     """Stream the stored maps into an accumulator.
 
     Returns the accumulator and one record per explained image with its index, label and
-    prediction; only the first ``--examples-per-class`` records of each group keep their map.
+    prediction. Only the first ``--examples-per-class`` records of each group keep their map.
     """
     accumulator = efmap.HeatMapAccumulator("mean")
     records = []
@@ -317,12 +333,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     model, config = load_model(checkpoint_path, device)
-    split = AdienceSplit.load(split_path)
+    try:
+        split = AdienceSplit.load(split_path)
+        root = find_root(args.root, crop=split.settings.crop, folds=split.settings.folds)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     drawn = {key: getattr(split.settings, key) for key in ("train_per_class", "test_per_class", "seed", "crop")}
     trained = {key: config[key] for key in drawn}
     if drawn != trained:
         raise SystemExit(f"The split {split_path} ({drawn}) is not the one the checkpoint was trained on ({trained}).")
-    root = find_root(args.root, crop=split.settings.crop, folds=split.settings.folds)
     data = AdienceDataset(root, split.test, size=config["input_size"])
 
     maps_dir = args.out / "maps"

@@ -2,7 +2,7 @@
 
 The three groups are minor (0-12), adult (15-53) and old (60-100). The first
 run draws a balanced split (1,340 training and 400 test images per group by
-default) and saves it as ``split.json`` in the output folder; later runs reuse
+default) and saves it as ``split.json`` in the output folder. Later runs reuse
 it. After every epoch the script logs the training and test accuracy and the
 test confusion matrix, and writes ``checkpoint.pt`` atomically, so an
 interrupted run continues with ``--resume``. The finished run also writes the
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=Path("out/age_resnet"), help="output folder (default out/age_resnet)"
     )
     parser.add_argument("--split", type=Path, help="split file to reuse or create (default OUT/split.json)")
+
     parser.add_argument(
         "--crop", choices=("aligned", "faces"), default="aligned", help="image folder (default aligned)"
     )
@@ -71,13 +72,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the split, the weights and the shuffling (default 0)"
     )
+
     parser.add_argument("--epochs", type=int, default=130, help="total number of epochs (default 130)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per SGD step (default 32)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)")
+
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default cuda if available, else cpu)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch, 0 for its default (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     parser.add_argument(
@@ -85,6 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"), help="default INFO")
     args = parser.parse_args(argv)
+
     for name in ("input_size", "train_per_class", "test_per_class", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, but got {getattr(args, name)}.")
@@ -200,16 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint_path.exists() and not args.resume:
         raise SystemExit(f"{checkpoint_path} exists. Pass --resume to continue that run, or choose another --out.")
 
-    root = find_root(args.root, crop=args.crop, folds=args.folds)
-    split = load_or_make_split(
-        args.split or args.out / "split.json",
-        root,
-        train_per_class=args.train_per_class,
-        test_per_class=args.test_per_class,
-        seed=args.seed,
-        crop=args.crop,
-        folds=args.folds,
-    )
+    try:
+        root = find_root(args.root, crop=args.crop, folds=args.folds)
+        split = load_or_make_split(
+            args.split or args.out / "split.json",
+            root,
+            train_per_class=args.train_per_class,
+            test_per_class=args.test_per_class,
+            seed=args.seed,
+            crop=args.crop,
+            folds=args.folds,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        # A missing folder, an invalid fold file or a split that does not fit is a usage problem, not a crash.
+        raise SystemExit(f"error: {error}") from None
     train_data = AdienceDataset(root, split.train, size=args.input_size)
     test_data = AdienceDataset(root, split.test, size=args.input_size)
     test_loader = DataLoader(
@@ -241,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         device,
     )
     for epoch in range(start + 1, args.epochs + 1):
-        # The shuffle order depends only on the seed and the epoch, so a resumed run sees the same batches.
+        # The shuffle order depends only on the seed and the epoch, so a resumed run gets the same batches.
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
         train_loader = DataLoader(
             train_data,

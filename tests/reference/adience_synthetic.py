@@ -1,7 +1,7 @@
 """Write a small synthetic copy of the Adience benchmark in the real layout, for tests and demos.
 
 The copy has the five fold files and small JPEG faces under ``aligned/`` and
-``faces/``. It holds one row for every raw age label listed in
+``faces/``. It contains one row for every raw age label listed in
 :data:`RAW_AGES` (labels that occur in the real fold files) and a few more rows
 per standard bucket, so that a balanced split of a few images per group can be
 drawn. One row points at an image that is not written, so that the missing-file

@@ -492,6 +492,12 @@ def test_train_resume_rejects_changed_options(synthetic: SyntheticAdience, train
         script.main(["--root", str(synthetic.root), "--out", str(out), "--resume", "--lr", "0.5", *TINY])
 
 
+def test_train_rejects_missing_root(tmp_path: Path) -> None:
+    script = load_script(TRAIN)
+    with pytest.raises(SystemExit, match="error: Adience root .* does not exist or is not a folder"):
+        script.main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *TINY])
+
+
 def test_train_rejects_bad_option(synthetic: SyntheticAdience, capsys: pytest.CaptureFixture[str]) -> None:
     script = load_script(TRAIN)
     with pytest.raises(SystemExit):
@@ -577,8 +583,8 @@ def test_explain_resume_after_stop_and_kill(
     assert all(killed[name] == stamp for name, stamp in first.items())
     assert not list(maps_dir.glob(".*.tmp"))
 
-    # The maps equal those of the uninterrupted run; maps made with --batch-size 4 differ from those made
-    # with 256 by float32 rounding of the convolutions only.
+    # The maps equal those of the uninterrupted run. Maps made with --batch-size 4 differ from those made
+    # with 256 only by the float32 rounding of the convolutions.
     for name in final:
         resumed = torch.load(maps_dir / name, weights_only=True)
         reference = torch.load(explained / "maps" / name, weights_only=True)
@@ -607,3 +613,27 @@ def test_explain_needs_checkpoint(synthetic: SyntheticAdience, tmp_path: Path) -
     script = load_script(EXPLAIN)
     with pytest.raises(SystemExit, match="checkpoint.pt not found; train first with train_age_resnet.py"):
         script.main(["--root", str(synthetic.root), "--out", str(tmp_path)])
+
+
+def test_explain_images_skips_unreadable(
+    synthetic: SyntheticAdience, tmp_path: Path, caplog: pytest.LogCaptureFixture, one_thread: object
+) -> None:
+    script = load_script(EXPLAIN)
+    args = script.parse_args(["--root", str(synthetic.root), "--batch-size", "64"])
+    torch.manual_seed(0)
+    model = AgeResNet(input_size=8).eval()
+    good = read_folds(synthetic.root)[0].image_path()
+    data = AdienceDataset(synthetic.root, [Sample(synthetic.missing, 1), Sample(good, 0)], size=8)
+
+    with caplog.at_level(logging.INFO):
+        assert script.explain_images(args, model, data, tmp_path)
+        assert script.explain_images(args, model, data, tmp_path)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.skipped.json", "000001.pt"]
+    assert json.loads((tmp_path / "000000.skipped.json").read_text(encoding="utf-8")) == {"path": synthetic.missing}
+    assert "0 of 2 test images already explained; explaining 2." in caplog.text
+    assert "2 of 2 test images already explained; explaining 0." in caplog.text
+    assert "1 test images could not be read and have no map" in caplog.text
+    stored = torch.load(tmp_path / "000001.pt", weights_only=True)
+    assert stored["positive"].shape == (8, 8)
+    assert stored["path"] == good

@@ -1,4 +1,4 @@
-"""The paper's reference example: an age-group ResNet for face images and a reader for the Adience benchmark."""
+"""Reference example of Hong and Yoo (2021): an age-group ResNet for faces and a reader for the Adience benchmark."""
 
 from efmap.reference.adience import AdienceDataset, AdienceRecord, Sample, collate_skipping, find_root, parse_age
 from efmap.reference.adience_split import AdienceSplit, SplitSettings, load_or_make_split, make_split

@@ -3,12 +3,12 @@
 Adience (Eidinger, Enbar and Hassner, "Age and Gender Estimation of Unfiltered
 Faces", IEEE TIFS 2014) is distributed after registration only, so this module
 never downloads anything: it reads a copy that the user already has. The copy
-holds five fold files ``fold_0_data.txt`` to ``fold_4_data.txt`` and the image
+contains five fold files ``fold_0_data.txt`` to ``fold_4_data.txt`` and the image
 folders ``aligned/`` and ``faces/``.
 
 Age groups
 ----------
-The raw ``age`` column holds ranges such as ``(25, 32)``, single ages such as
+The raw ``age`` column contains ranges such as ``(25, 32)``, single ages such as
 ``35`` and ``None``. :func:`parse_age` maps them to three groups:
 
 ====  =====  ===========
@@ -107,8 +107,8 @@ def parse_age(label: str | int | None) -> int | None:
     -------
     int or None
         0 (minor, ages 0 to 12), 1 (adult, 15 to 53) or 2 (old, 60 to 100). A range counts
-        when both ends lie in one group, a single age when it lies in a group; any other
-        label, ``"None"`` included, returns None and is meant to be dropped.
+        when both ends lie in one group, and a single age when it lies in a group. Any
+        other label, ``"None"`` included, returns None, and the caller drops the row.
 
     Raises
     ------
@@ -238,12 +238,12 @@ def find_root(path: str | Path, *, crop: Crop = "aligned", folds: Iterable[int] 
     Returns
     -------
     pathlib.Path
-        The folder that holds the fold files and the image folder.
+        The folder that contains the fold files and the image folder.
 
     Raises
     ------
     FileNotFoundError
-        If ``path`` does not exist, or neither it nor a folder inside it holds the
+        If ``path`` does not exist, or neither it nor a folder inside it contains the
         fold files and the image folder; the message lists what is missing.
     """
     crop = _check_crop(crop)
@@ -261,7 +261,7 @@ def find_root(path: str | Path, *, crop: Crop = "aligned", folds: Iterable[int] 
             return child
     raise FileNotFoundError(
         f"Expected the Adience root {str(root)!r}, or a folder directly inside it, to contain "
-        f"{', '.join(missing)}, but they are missing. Point the root at the folder that holds the "
+        f"{', '.join(missing)}, but they are missing. Point the root at the folder that contains the "
         "fold files, and unpack the image archive there."
     )
 
@@ -432,13 +432,19 @@ class AdienceDataset(Dataset):  # type: ignore[type-arg]
     Parameters
     ----------
     root
-        Data root, the folder that holds ``aligned/`` and ``faces/``.
+        Data root, the folder that contains ``aligned/`` and ``faces/``.
     samples
         The images to serve, for example ``split.train``.
     size
         Side of the square output image in pixels. Default 128.
     report_limit
         Number of failures logged one by one. Default 5.
+
+    Notes
+    -----
+    With ``DataLoader`` worker processes each worker has its own copy of the data set, so it
+    logs its own failures, and :attr:`skipped` in the main process lists only failures that
+    happened there.
 
     Examples
     --------

@@ -174,8 +174,8 @@ def make_split(
     """Draw a balanced split: ``train_per_class`` training and ``test_per_class`` test images per age group.
 
     Rows whose age label fits no group (see :func:`~efmap.reference.adience.parse_age`) and
-    rows whose image file is missing are left out; missing files are reported with a count
-    and the first few paths. Repeated rows are used once. A group with fewer images than
+    rows whose image file is missing are left out. The log reports the missing files with a
+    count and the first few paths. Repeated rows are used once. A group with fewer images than
     ``train_per_class + test_per_class`` is oversampled as in Hong and Yoo (2021): half as
     many originals are drawn for each part, and each is used once whole and once as a
     random crop, so the copies of an original stay in the part of the original.
