@@ -32,7 +32,9 @@ logger = logging.getLogger("quickstart")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/quickstart"), help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, weights and masks (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, weights and masks (default: %(default)s)"
+    )
     parser.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
     parser.add_argument(
         "--keep-fraction",
@@ -40,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.66,
         help="fraction of pixels kept as landmarks; 0.66 is the 65.98%% of the paper (default: %(default)s)",
     )
-    parser.add_argument(
-        "--num-random", type=int, default=20, help="random masks in the control (default: %(default)s)"
-    )
+    parser.add_argument("--num-random", type=int, default=20, help="random masks in the control (default: %(default)s)")
     parser.add_argument(
         "--fill", type=float, default=0.0, help="value of removed pixels, in [-1, 1] (default: %(default)s, mid grey)"
     )
@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> efmap.MaskedAccuracy:
     finished = time.perf_counter()
 
     save_outputs(args.out, x_test, y_test, explanation, class_maps, overall, landmarks)
-    print(f"\nTest images: {len(y_test)}, pixels per image: {landmarks.mask.numel()}, fill of removed pixels: {args.fill}")
+    print(
+        f"\nTest images: {len(y_test)}, pixels per image: {landmarks.mask.numel()}, fill of removed pixels: {args.fill}"
+    )
     print(result.table())
     print(
         f"\nTime: training {trained - started:.1f} s, explaining {explained - trained:.1f} s "

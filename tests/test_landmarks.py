@@ -75,7 +75,11 @@ def test_crop_empty_mask_rejected():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({}, "exactly one"), ({"keep_fraction": 0.5, "threshold": 0.1}, "exactly one"), ({"keep_fraction": 1.5}, r"\[0, 1\], but got 1.5")],
+    [
+        ({}, "exactly one"),
+        ({"keep_fraction": 0.5, "threshold": 0.1}, "exactly one"),
+        ({"keep_fraction": 1.5}, r"\[0, 1\], but got 1.5"),
+    ],
 )
 def test_select_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -43,4 +43,6 @@ def test_quickstart_is_deterministic(tmp_path):
     second = quickstart.main(["--out", str(tmp_path / "b"), *args])
     assert (first.full, first.landmarks, first.kept) == (second.full, second.landmarks, second.kept)
     assert first.random.tolist() == second.random.tolist()
-    np.testing.assert_array_equal(np.load(tmp_path / "a" / "maps.npz")["positive"], np.load(tmp_path / "b" / "maps.npz")["positive"])
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "a" / "maps.npz")["positive"], np.load(tmp_path / "b" / "maps.npz")["positive"]
+    )

@@ -1,6 +1,6 @@
+import numpy as np
 import pytest
 import torch
-import numpy as np
 from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -58,6 +58,7 @@ def test_reverse_stays_in_range(x):
     st.floats(0.01, 100),
     arrays("float64", st.integers(1, 32), elements=st.floats(0, 1, exclude_max=True)),
 )
+@example(0.4599725427489952, 1.0, np.array([0.5]))
 def test_reverse_general_range(lo, width, unit):
     hi = lo + width
     x = torch.from_numpy(lo + unit * width)

@@ -38,7 +38,7 @@ class Counting(torch.nn.Module):
 def closed_form(model, x, groups, score, target=None):
     """Expected positive and negative scores per group for a Linear model."""
     flat = x.flatten(1)
-    delta = (efmap.reverse(x).flatten(1) - flat)  # (N, D)
+    delta = efmap.reverse(x).flatten(1) - flat  # (N, D)
     clean = model(x).detach()
     pos, neg = [], []
     for n in range(x.shape[0]):
@@ -80,7 +80,12 @@ def test_linear_patches_closed_form(images, score):
     for top in (0, 4):
         for left in (0, 4):
             groups.append(
-                [c * 30 + h * 5 + w for c in range(3) for h in range(top, min(top + 4, 6)) for w in range(left, min(left + 4, 5))]
+                [
+                    c * 30 + h * 5 + w
+                    for c in range(3)
+                    for h in range(top, min(top + 4, 6))
+                    for w in range(left, min(left + 4, 5))
+                ]
             )
     pos, neg = closed_form(model, images, groups, score, target)
     patch_of_pixel = torch.tensor([[(h // 4) * 2 + w // 4 for w in range(5)] for h in range(6)])
@@ -395,7 +400,10 @@ def test_non_class_output_rejected(images):
 
 @pytest.mark.parametrize(
     ("output", "match"),
-    [((torch.zeros(4, 2), torch.zeros(4)), r"tuple of 2 items.*output_fn"), ({"logits": torch.zeros(4, 2)}, r"keys 'logits'")],
+    [
+        ((torch.zeros(4, 2), torch.zeros(4)), r"tuple of 2 items.*output_fn"),
+        ({"logits": torch.zeros(4, 2)}, r"keys 'logits'"),
+    ],
 )
 def test_structured_output_needs_output_fn(images, output, match):
     with pytest.raises(TypeError, match=match):

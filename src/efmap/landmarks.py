@@ -39,9 +39,7 @@ class Landmarks:
         """Kept features as a fraction of all features."""
         return self.count / self.mask.numel()
 
-    def apply(
-        self, inputs: torch.Tensor, fill: Fill = 0.0, *, value_range: ValueRange = (-1.0, 1.0)
-    ) -> torch.Tensor:
+    def apply(self, inputs: torch.Tensor, fill: Fill = 0.0, *, value_range: ValueRange = (-1.0, 1.0)) -> torch.Tensor:
         """Return a copy of ``inputs`` with every feature outside the landmarks replaced by ``fill``.
 
         See :func:`apply_mask` for the accepted shapes and fills.

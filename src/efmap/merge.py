@@ -214,9 +214,7 @@ def _as_labels(labels: int | Sequence[int] | torch.Tensor, count: int) -> torch.
     if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"Expected `labels` to be integer class labels, but got dtype {tensor.dtype}.")
     if tensor.dim() != 1 or tensor.shape[0] != count:
-        raise ValueError(
-            f"Expected `labels` to have one entry per map ({count}), but got shape {tuple(tensor.shape)}."
-        )
+        raise ValueError(f"Expected `labels` to have one entry per map ({count}), but got shape {tuple(tensor.shape)}.")
     if count and int(tensor.min()) < 0:
         raise ValueError(f"Expected non-negative class labels, but got {int(tensor.min())}.")
     return tensor.to(device="cpu", dtype=torch.int64)

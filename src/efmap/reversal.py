@@ -61,8 +61,9 @@ def reverse(x: torch.Tensor, value_range: ValueRange = (-1.0, 1.0)) -> torch.Ten
 
     # Inside [lo, hi] the shift is a plain addition or subtraction of half the width: the modular form
     # would round values just below hi up to a whole period and jump by the full width.
-    reversed_values = torch.where(x < middle, x + half, x - half)
-    # A value just below the middle can round up to hi, which is lo on the cycle.
+    # Rounding can push a result an ulp below lo, or turn a value just below the middle into hi, which is lo
+    # on the cycle.
+    reversed_values = torch.where(x < middle, x + half, x - half).clamp(min=lo)
     reversed_values = torch.where(reversed_values >= hi, torch.full_like(reversed_values, lo), reversed_values)
     outside = (x < lo) | (x > hi)
     if bool(outside.any()):

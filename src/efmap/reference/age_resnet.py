@@ -70,14 +70,14 @@ class AgeResNet(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
         self.input_shape = (in_channels, input_size, input_size)
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         stages = []
         channels = 16
         for i, out_channels in enumerate(self.stage_channels):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(channels, out_channels, stride), BasicBlock(out_channels, out_channels)))
+            stages.append(
+                nn.Sequential(BasicBlock(channels, out_channels, stride), BasicBlock(out_channels, out_channels))
+            )
             channels = out_channels
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
