@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _dataset_worker import NUM_IMAGES, build, run_options
 
 import efmap
+from _dataset_worker import NUM_IMAGES, build, run_options
 
 WORKER = Path(__file__).with_name("_dataset_worker.py")
 SOURCE_ROOT = Path(efmap.__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def run_two_ranks(out_dir: Path) -> None:
         command = [sys.executable, str(WORKER), str(out_dir), "--distributed"]
         workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [worker.communicate(timeout=120) for worker in workers]
-    for rank, (worker, (_, stderr)) in enumerate(zip(workers, outputs)):
+    for rank, (worker, (_, stderr)) in enumerate(zip(workers, outputs, strict=True)):
         assert worker.returncode == 0, f"rank {rank} failed:\n{stderr}"
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _dataset_worker import CHUNK_SIZE, NUM_IMAGES, build, run_options
 
 import efmap
+from _dataset_worker import CHUNK_SIZE, NUM_IMAGES, build, run_options
 
 WORKER = Path(__file__).with_name("_dataset_worker.py")
 SOURCE_ROOT = Path(efmap.__file__).resolve().parents[1]
@@ -178,7 +178,8 @@ def test_resume_refused_leaves_run_untouched(finished_run):
 
 def test_overwrite_starts_again(finished_run):
     model, data = build()
-    result = efmap.explain_dataset(model, data, out_dir=finished_run, overwrite=True, **{**run_options(), "chunk_size": 5})
+    options = {**run_options(), "chunk_size": 5}
+    result = efmap.explain_dataset(model, data, out_dir=finished_run, overwrite=True, **options)
     assert result.accumulator.counts == {0: 4, 1: 4, 2: 3}
     assert committed_blocks(finished_run) == 3
 

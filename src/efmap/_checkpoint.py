@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -59,8 +59,12 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def atomic_write_json(obj: Any, path: Path) -> None:
     """Write ``obj`` as indented JSON atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    def write(handle: BinaryIO) -> None:
+        handle.write(data)
+
+    atomic_write(path, write)
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any], fill: float | int) -> None:
@@ -129,15 +133,3 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"Expected `{path}` to be a JSON file written by efmap, but it is invalid: {error}.") from None
-
-
-@contextlib.contextmanager
-def open_store(path: Path, *, writable: bool) -> Iterator[np.memmap[Any, Any]]:
-    """Open a ``.npy`` store as a memory map, flushing it on exit when writable."""
-    array = np.load(path, mmap_mode="r+" if writable else "r")
-    try:
-        yield array
-    finally:
-        if writable:
-            array.flush()
-        del array

@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -203,7 +203,7 @@ class RunDirectory:
 
     def open_stores(self, *, writable: bool, store_maps: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Open ``targets``, ``labels`` and (with ``store_maps``) ``maps`` as memory maps."""
-        mode = "r+" if writable else "r"
+        mode: Literal["r+", "r"] = "r+" if writable else "r"
         targets = np.load(self.path / "targets.npy", mmap_mode=mode)
         labels = np.load(self.path / "labels.npy", mmap_mode=mode)
         maps = np.load(self.path / "maps.npy", mmap_mode=mode) if store_maps else None

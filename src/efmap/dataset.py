@@ -149,7 +149,7 @@ class _Source:
 
 @dataclass(frozen=True)
 class _Probe:
-    has_labels: bool
+    item_length: int | None  # None for bare inputs, 1 for (input,), 2 for (input, label)
     input_shape: tuple[int, ...]
     map_shape: tuple[int, ...]
     num_features: int
@@ -346,9 +346,13 @@ def _check_options(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"Expected `chunk_size` to be a positive integer, but got {chunk_size!r}.")
     if store_maps and out_dir is None:
-        raise ValueError("Expected `out_dir` with store_maps=True, but got None: the maps are stored in out_dir/maps.npy.")
+        raise ValueError(
+            "Expected `out_dir` with store_maps=True, but got None: the maps are stored in out_dir/maps.npy."
+        )
     if feature_mask is not None and not isinstance(feature_mask, torch.Tensor):
-        raise TypeError(f"Expected `feature_mask` to be an integer torch.Tensor, but got {type(feature_mask).__name__}.")
+        raise TypeError(
+            f"Expected `feature_mask` to be an integer torch.Tensor, but got {type(feature_mask).__name__}."
+        )
     return _Options(
         score=score,
         target=target,
@@ -408,23 +412,22 @@ def _length(dataset: Any) -> int:
 def _probe(source: _Source, options: _Options, check_range: bool) -> _Probe:
     """Read the first item to check the inputs, labels and options before any forward pass."""
     item = source.dataset[0]
-    if isinstance(item, (torch.Tensor, np.ndarray)):
-        has_labels = False
-    elif isinstance(item, (tuple, list)) and len(item) == 2:
-        has_labels = True
-    else:
+    item_length = None
+    if not isinstance(item, (torch.Tensor, np.ndarray)):
+        item_length = len(item) if isinstance(item, (tuple, list)) else 0
+    if item_length not in (None, 1, 2):
         raise TypeError(
-            f"Expected data set items to be an input tensor or a pair (input, label), but got "
+            f"Expected data set items to be an input tensor, a 1-tuple (input,) or a pair (input, label), but got "
             f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
         )
-    if options.uses_labels and not has_labels:
+    if options.uses_labels and item_length != 2:
         what = "labels_from='dataset'" if options.labels_from == "dataset" else "target='label'"
         raise ValueError(
             f"Expected data set items (input, label) with {what}, but the items are inputs without labels. "
             "Use labels_from='target' and target=None, or a data set that yields labels."
         )
 
-    inputs, labels = _split(source.collate([item]), has_labels)
+    inputs, labels = _split(source.collate([item]), item_length)
     check_floating(inputs, "inputs")
     check_finite(inputs, "inputs")
     check_in_range(inputs, "inputs", options.value_range, strict=check_range)
@@ -433,7 +436,7 @@ def _probe(source: _Source, options: _Options, check_range: bool) -> _Probe:
     batch = _as_batch(inputs, image=options.feature_mask is None)
     layout = _build_layout(batch, options.patch_size, options.feature_mask)
     return _Probe(
-        has_labels=has_labels,
+        item_length=item_length,
         input_shape=tuple(batch.shape[1:]),
         map_shape=tuple(layout.map_shape),
         num_features=layout.num_features,
@@ -441,8 +444,11 @@ def _probe(source: _Source, options: _Options, check_range: bool) -> _Probe:
     )
 
 
-def _split(batch: Any, has_labels: bool) -> tuple[torch.Tensor, Any]:
-    inputs, labels = (batch[0], batch[1]) if has_labels else (batch, None)
+def _split(batch: Any, item_length: int | None) -> tuple[torch.Tensor, Any]:
+    if item_length is None:
+        inputs, labels = batch, None
+    else:
+        inputs, labels = batch[0], (batch[1] if item_length == 2 else None)
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(
             f"Expected the collated inputs to be a tensor, but got {type(inputs).__name__}. Return tensors or "
@@ -513,10 +519,9 @@ def _pending(
     if not indices:
         return
     # Only the data set's last block can be short, and it comes last, so batches line up with blocks.
-    for position, block, batch in zip(
-        range(blocks_done, len(blocks)), remaining, source.batches(indices, options.chunk_size)
-    ):
-        yield position, block, batch
+    yield from zip(
+        range(blocks_done, len(blocks)), remaining, source.batches(indices, options.chunk_size), strict=True
+    )
 
 
 def _explain_chunk(
@@ -530,13 +535,13 @@ def _explain_chunk(
     meter: _Meter,
 ) -> None:
     """Explain one chunk, merge its maps and write its rows of the stores."""
-    inputs, labels = _split(batch, probe.has_labels)
+    inputs, labels = _split(batch, probe.item_length)
     if inputs.shape[0] != len(rows):
         raise ValueError(
             f"Expected a chunk of {len(rows)} inputs (rows {rows.start} to {rows.stop - 1}), but the collate_fn "
             f"returned {inputs.shape[0]}."
         )
-    label_rows = _label_rows(labels, len(rows), strict=options.uses_labels) if probe.has_labels else None
+    label_rows = _label_rows(labels, len(rows), strict=options.uses_labels) if labels is not None else None
     target: Any = label_rows if options.target == "label" else options.target
     result = explain(
         model,
