@@ -151,8 +151,11 @@ def main() -> None:
         memory = efmap.explain_dataset(model, data, **{**run_options(), "store_maps": False})
         if torch.distributed.get_rank() == 0:
             torch.save(
-                {"state": memory.accumulator.state_dict(), "targets": torch.from_numpy(memory.targets.copy()),
-                 "labels": torch.from_numpy(memory.labels.copy())},
+                {
+                    "state": memory.accumulator.state_dict(),
+                    "targets": torch.from_numpy(memory.targets.copy()),
+                    "labels": torch.from_numpy(memory.labels.copy()),
+                },
                 Path(args.out_dir) / "memory.pt",
             )
         torch.distributed.destroy_process_group()

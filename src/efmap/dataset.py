@@ -510,18 +510,14 @@ def _block_range(block: int, chunk_size: int, length: int) -> range:
     return range(block * chunk_size, min(length, (block + 1) * chunk_size))
 
 
-def _pending(
-    source: _Source, options: _Options, blocks: list[int], blocks_done: int
-) -> Iterator[tuple[int, int, Any]]:
+def _pending(source: _Source, options: _Options, blocks: list[int], blocks_done: int) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(position, block, batch)`` for every block of this rank that is not committed yet."""
     remaining = blocks[blocks_done:]
     indices = [i for block in remaining for i in _block_range(block, options.chunk_size, source.length)]
     if not indices:
         return
     # Only the data set's last block can be short, and it comes last, so batches line up with blocks.
-    yield from zip(
-        range(blocks_done, len(blocks)), remaining, source.batches(indices, options.chunk_size), strict=True
-    )
+    yield from zip(range(blocks_done, len(blocks)), remaining, source.batches(indices, options.chunk_size), strict=True)
 
 
 def _explain_chunk(
