@@ -162,7 +162,7 @@ def test_explain_resumes_and_overwrites(files, tmp_path, capsys):
     assert run("explain", files["net"], files["images"], "--out", out, "--patch-size", 2, "--overwrite") == 0
 
 
-def test_explain_resume_refusal_names_option(files, tmp_path, capsys):
+def test_explain_resume_rejection_names_option(files, tmp_path, capsys):
     out = tmp_path / "out"
     assert run("explain", files["net"], files["images"], "--out", out) == 0
     capsys.readouterr()
@@ -372,12 +372,13 @@ def test_torchrun_two_ranks_equal_one_process(files, tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
 
-    assert run(*arguments, "--out", tmp_path / "one") == 0
+    assert run(*arguments, "--out", tmp_path / "single") == 0
 
     for name in ("maps.npy", "targets.npy"):
-        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), f"{name} differs"
+        two_ranks = (tmp_path / "two" / name).read_bytes()
+        assert two_ranks == (tmp_path / "single" / name).read_bytes(), f"{name} differs"
     two = torch.load(tmp_path / "two" / "accumulator.pt", weights_only=True)
-    one = torch.load(tmp_path / "one" / "accumulator.pt", weights_only=True)
+    single = torch.load(tmp_path / "single" / "accumulator.pt", weights_only=True)
     for key in ("labels", "counts", "sums", "maxima"):
-        assert torch.equal(two[key], one[key]), f"{key} differs"
+        assert torch.equal(two[key], single[key]), f"{key} differs"
     assert (tmp_path / "two" / "state-rank1.pt").exists()

@@ -18,6 +18,9 @@ from _dataset_worker import NUM_IMAGES, build, run_options
 WORKER = Path(__file__).with_name("_dataset_worker.py")
 SOURCE_ROOT = Path(efmap.__file__).resolve().parents[1]
 
+# Two extra Python processes that import torch take several seconds on a busy machine.
+pytestmark = pytest.mark.slow
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -93,7 +96,7 @@ def test_two_ranks_without_out_dir_reduce_rows(runs):
         assert torch.equal(memory["state"][key], result.accumulator.state_dict()[key]), f"{key} differs"
 
 
-def test_single_process_refuses_two_rank_run(runs):
+def test_single_process_rejects_two_rank_run(runs):
     _, double, _ = runs
     model, data = build()
     with pytest.raises(ValueError, match=r"world size \(number of ranks\): 2 in the saved run, 1 now"):

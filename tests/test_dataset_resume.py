@@ -1,4 +1,4 @@
-"""Resuming explain_dataset after a real SIGKILL, and refusing to resume with other arguments."""
+"""Resuming explain_dataset after a real SIGKILL, and rejecting a resume with other arguments."""
 
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def finished_run(tmp_path) -> Path:
     return tmp_path
 
 
-def test_resume_refused_for_changed_weights(finished_run):
+def test_resume_rejected_for_changed_weights(finished_run):
     model, data = build()
     with torch.no_grad():
         model.fc.bias[0] += 1e-3
@@ -154,20 +154,20 @@ def test_resume_refused_for_changed_weights(finished_run):
         efmap.explain_dataset(model, data, out_dir=finished_run, **run_options())
 
 
-def test_resume_refused_for_changed_dataset_length(finished_run):
+def test_resume_rejected_for_changed_dataset_length(finished_run):
     model, data = build(NUM_IMAGES - 1)
     with pytest.raises(ValueError, match=rf"data set length: {NUM_IMAGES} in the saved run, {NUM_IMAGES - 1} now"):
         efmap.explain_dataset(model, data, out_dir=finished_run, **run_options())
 
 
-def test_resume_refused_lists_every_changed_option(finished_run):
+def test_resume_rejection_lists_changed_options(finished_run):
     model, data = build()
     options = {**run_options(), "chunk_size": 2, "patch_size": 2}
     with pytest.raises(ValueError, match=r"chunk_size: 3 in the saved run, 2 now; patch_size: None .* 2 now"):
         efmap.explain_dataset(model, data, out_dir=finished_run, **options)
 
 
-def test_resume_refused_leaves_run_untouched(finished_run):
+def test_resume_rejection_leaves_run_untouched(finished_run):
     before = {path.name: path.read_bytes() for path in finished_run.iterdir()}
     model, data = build()
     with pytest.raises(ValueError, match="overwrite=True"):

@@ -111,7 +111,7 @@ def tensor_digest(tensor: torch.Tensor, digest: Any = None) -> Any:
 def model_digest(model: Any) -> str:
     """Return a SHA-256 hex digest of a module's ``state_dict`` (names, dtypes, shapes and values).
 
-    A plain callable has no state to hash, so its qualified name stands in.
+    A plain callable has no state to hash, so its qualified name is returned instead.
     """
     if not isinstance(model, torch.nn.Module):
         # NOTE: the weights a plain function closes over cannot be hashed, so changing them goes undetected.

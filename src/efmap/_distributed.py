@@ -1,9 +1,9 @@
 """Collective operations for runs split across ``torch.distributed`` ranks.
 
 Every helper is a no-op in a single process, so callers need no branches.
-Accumulator sums are reduced with ``all_reduce``; the maps fed to them lie on a
-fixed grid (see :func:`efmap.dataset.explain_dataset`), which makes float64
-addition exact and therefore independent of the order in which ranks combine.
+Accumulator sums are reduced with ``all_reduce``. The maps fed to them lie on a
+fixed grid (see :func:`efmap.explain_dataset`), so float64 addition is exact
+and does not depend on the order in which ranks combine.
 """
 
 from __future__ import annotations

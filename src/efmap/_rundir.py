@@ -32,7 +32,7 @@ CONFIG_NAME = "run.json"
 ACCUMULATOR_NAME = "accumulator.pt"
 STORE_NAMES = ("targets.npy", "labels.npy", "maps.npy")
 
-#: What each fingerprint entry means, in the order in which differences are reported.
+#: Description of each fingerprint entry, in the order in which differences are reported.
 FINGERPRINT_LABELS = {
     "model": "model weights (SHA-256 of the state_dict tensors)",
     "dataset_length": "data set length",
@@ -105,7 +105,7 @@ class RunDirectory:
         Raises
         ------
         ValueError
-            If the directory holds a run started with other arguments and ``overwrite`` is False.
+            If the directory contains a run started with other arguments and ``overwrite`` is False.
         RuntimeError
             If rank 0 failed to prepare the directory, or another rank cannot see its files.
         """
@@ -142,7 +142,7 @@ class RunDirectory:
         map_shape: tuple[int, ...],
         store_maps: bool,
     ) -> int:
-        """Return 0 when the directory is ready, 1 when it holds a run with other arguments."""
+        """Return 0 when the directory is ready, 1 when it contains a run with other arguments."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self.config.exists() and not overwrite:
             saved = read_json(self.config)

@@ -70,34 +70,50 @@ def _add_explain(commands: Any) -> None:
         "images", metavar="IMAGES", type=Path, help="an image file, a folder of images or a .npy array"
     )
     explain.add_argument("--out", metavar="DIR", type=Path, required=True, help="output directory (required)")
-    explain.add_argument(
+    _add_scoring_options(explain.add_argument_group("scoring"))
+    _add_image_options(explain.add_argument_group("images"))
+    _add_run_options(explain.add_argument_group("run"))
+    explain.set_defaults(run=_explain, parser=explain)
+
+
+def _add_scoring_options(group: Any) -> None:
+    group.add_argument(
         "--score",
         choices=("max", "target"),
         default="max",
         help="read the new maximum over all classes (max) or the target class (target) (default: max)",
     )
-    explain.add_argument(
+    group.add_argument(
         "--target",
         metavar="CLASS",
         type=int,
         default=None,
         help="class index to explain, with --score target (default: the class predicted for each image)",
     )
-    explain.add_argument(
+    group.add_argument(
         "--batch-size",
         metavar="N",
         type=int,
         default=DEFAULT_BATCH_SIZE,
         help=f"perturbed copies per forward pass (default: {DEFAULT_BATCH_SIZE})",
     )
-    explain.add_argument(
-        "--chunk-size",
-        metavar="N",
+    group.add_argument(
+        "--patch-size",
+        metavar="PIXELS",
         type=int,
-        default=DEFAULT_CHUNK_SIZE,
-        help=f"images explained and checkpointed together (default: {DEFAULT_CHUNK_SIZE})",
+        default=None,
+        help="side of the square patch reversed as one feature, in pixels (default: 1, one feature per pixel)",
     )
-    explain.add_argument(
+    group.add_argument(
+        "--reduction",
+        choices=("mean", "max", "sum"),
+        default="mean",
+        help="how the normalised maps merge per class and overall (default: mean)",
+    )
+
+
+def _add_image_options(group: Any) -> None:
+    group.add_argument(
         "--value-range",
         metavar=("LO", "HI"),
         type=float,
@@ -106,20 +122,13 @@ def _add_explain(commands: Any) -> None:
         help="range of the model's input values; 8-bit pixels (image files, uint8 arrays) are mapped linearly "
         "from [0, 255] onto it, float arrays are used as they are (default: -1 1)",
     )
-    explain.add_argument(
-        "--patch-size",
-        metavar="PIXELS",
-        type=int,
-        default=None,
-        help="side of the square patch reversed as one feature, in pixels (default: 1, one feature per pixel)",
-    )
-    explain.add_argument(
+    group.add_argument(
         "--mode",
         choices=("L", "RGB"),
         default="RGB",
         help="colour mode image files are converted to: L for 1 channel, RGB for 3 (default: RGB)",
     )
-    explain.add_argument(
+    group.add_argument(
         "--resize",
         metavar=("HEIGHT", "WIDTH"),
         type=int,
@@ -127,37 +136,40 @@ def _add_explain(commands: Any) -> None:
         default=None,
         help="resize image files to this size in pixels (default: keep the size, which all images must share)",
     )
-    explain.add_argument(
-        "--reduction",
-        choices=("mean", "max", "sum"),
-        default="mean",
-        help="how the normalised maps merge per class and overall (default: mean)",
+
+
+def _add_run_options(group: Any) -> None:
+    group.add_argument(
+        "--chunk-size",
+        metavar="N",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"images explained and checkpointed together (default: {DEFAULT_CHUNK_SIZE})",
     )
-    explain.add_argument(
+    group.add_argument("--device", default="cpu", help="torch device to run the model on (default: cpu)")
+    group.add_argument(
+        "--no-range-check",
+        action="store_true",
+        help="accept a first image whose values all lie in the upper half of the range (default: reject it)",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an unfinished or finished run in DIR instead of resuming it (default: resume)",
+    )
+    group.add_argument(
         "--overlays",
         metavar="N",
         type=int,
         default=16,
         help="number of images, from the first, that get a PNG overlay; 0 for none (default: 16)",
     )
-    explain.add_argument("--device", default="cpu", help="torch device to run the model on (default: cpu)")
-    explain.add_argument(
-        "--no-range-check",
-        action="store_true",
-        help="accept a first image whose values all lie in the upper half of the range (default: reject it)",
-    )
-    explain.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="discard an unfinished or finished run in DIR instead of resuming it (default: resume)",
-    )
-    explain.add_argument(
+    group.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="show a progress bar with forward passes per second and time left (default: when stderr is a terminal)",
     )
-    explain.set_defaults(run=_explain, parser=explain)
 
 
 def _add_merge(commands: Any) -> None:

@@ -106,7 +106,7 @@ class DatasetExplanation:
         return self.accumulator.class_maps()
 
     def overall(self, over: Literal["classes", "inputs"] = "classes") -> torch.Tensor:
-        """Return the map merged over all classes (see :meth:`HeatMapAccumulator.overall`)."""
+        """Return the map merged over all classes (see :meth:`efmap.HeatMapAccumulator.overall`)."""
         return self.accumulator.overall(over)
 
 
@@ -183,9 +183,9 @@ def explain_dataset(
     model
         Callable from a batch ``(N, ...)`` to class scores ``(N, K)``, as for :func:`efmap.explain`.
     data
-        A map-style ``Dataset`` whose items are an input ``(C, H, W)`` or a pair ``(input, label)``,
-        or a ``DataLoader`` over one that reads it in order (its ``collate_fn`` and ``num_workers``
-        are used; its batch size is replaced by ``chunk_size``).
+        A map-style ``Dataset`` whose items are an input ``(C, H, W)``, a 1-tuple ``(input,)`` or a
+        pair ``(input, label)``. Or a ``DataLoader`` over one that reads it in order: its ``collate_fn``
+        and ``num_workers`` are used, and ``chunk_size`` replaces its batch size.
     out_dir
         Directory for checkpoints and stores. With it the run is resumable: call again with the
         same arguments to continue after an interruption. Default None: nothing is written.
@@ -421,9 +421,9 @@ def _probe(source: _Source, options: _Options, check_range: bool) -> _Probe:
             f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
         )
     if options.uses_labels and item_length != 2:
-        what = "labels_from='dataset'" if options.labels_from == "dataset" else "target='label'"
+        option = "labels_from='dataset'" if options.labels_from == "dataset" else "target='label'"
         raise ValueError(
-            f"Expected data set items (input, label) with {what}, but the items are inputs without labels. "
+            f"Expected data set items (input, label) with {option}, but the items are inputs without labels. "
             "Use labels_from='target' and target=None, or a data set that yields labels."
         )
 
