@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--kill", default=None)
     parser.add_argument("--distributed", action="store_true")
     parser.add_argument("--report", action="store_true", help="print a line after every chunk")
+    parser.add_argument("--perturb-rank", type=int, default=None, help="change the weights on this rank")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -135,6 +136,9 @@ def main() -> None:
         _install_kill(args.kill, model)
     if args.distributed:
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        if torch.distributed.get_rank() == args.perturb_rank:
+            with torch.no_grad():
+                model.fc.bias[0] += 1.0
 
     printed = set()
 

@@ -28,8 +28,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def run_two_ranks(out_dir: Path) -> None:
-    """Start two ranks of the worker the way torchrun would, through environment variables."""
+def start_two_ranks(out_dir: Path, *args: str) -> list[tuple[int, str]]:
+    """Start two ranks of the worker the way torchrun would, through environment variables.
+
+    Returns the exit code and standard error of each rank.
+    """
     port = free_port()
     workers = []
     for rank in range(2):
@@ -42,11 +45,15 @@ def run_two_ranks(out_dir: Path) -> None:
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": "2",
         }
-        command = [sys.executable, str(WORKER), str(out_dir), "--distributed"]
+        command = [sys.executable, str(WORKER), str(out_dir), "--distributed", *args]
         workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [worker.communicate(timeout=120) for worker in workers]
-    for rank, (worker, (_, stderr)) in enumerate(zip(workers, outputs, strict=True)):
-        assert worker.returncode == 0, f"rank {rank} failed:\n{stderr}"
+    return [(worker.returncode, stderr) for worker, (_, stderr) in zip(workers, outputs, strict=True)]
+
+
+def run_two_ranks(out_dir: Path) -> None:
+    for rank, (code, stderr) in enumerate(start_two_ranks(out_dir)):
+        assert code == 0, f"rank {rank} failed:\n{stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +108,11 @@ def test_single_process_rejects_two_rank_run(runs):
     model, data = build()
     with pytest.raises(ValueError, match=r"world size \(number of ranks\): 2 in the saved run, 1 now"):
         efmap.explain_dataset(model, data, out_dir=double, **run_options())
+
+
+def test_ranks_with_different_weights_rejected(tmp_path):
+    results = start_two_ranks(tmp_path, "--perturb-rank", "1")
+    for rank, (code, stderr) in enumerate(results):
+        assert code != 0, f"rank {rank} accepted different weights"
+        assert "same model, data set and options, but rank 1 differs from rank 0" in stderr
+    assert not (tmp_path / "run.json").exists(), "the run started although the ranks disagree"
