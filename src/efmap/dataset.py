@@ -22,10 +22,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from efmap._checkpoint import atomic_save, model_digest, tensor_digest
-from efmap._checks import check_batch_size, check_finite, check_floating, check_in_range, check_value_range
+from efmap._checks import check_batch_size, check_value_range
+from efmap._datasource import DataProbe, DataSource, label_rows, probe_data, resolve_source, split_batch
 from efmap._distributed import barrier, first_disagreeing_rank, rank_and_world, reduce_accumulator, reduce_rows
 from efmap._model import OutputFn, evaluation_mode
 from efmap._rundir import RunDirectory, fingerprint_digest
@@ -33,7 +34,7 @@ from efmap._typing import Model, Reduction, ScoreMode, ValueRange
 from efmap._version import __version__
 from efmap._warnings import EfmapWarning
 from efmap.merge import HeatMapAccumulator
-from efmap.scoring import DEFAULT_BATCH_SIZE, _as_batch, _build_layout, explain
+from efmap.scoring import DEFAULT_BATCH_SIZE, explain
 
 __all__ = ["DatasetExplanation", "RunProgress", "explain_dataset"]
 
@@ -128,32 +129,12 @@ class _Options:
     def uses_labels(self) -> bool:
         return self.labels_from == "dataset" or self.target == "label"
 
-
-@dataclass(frozen=True)
-class _Source:
-    dataset: Any
-    collate: Callable[[list[Any]], Any]
-    num_workers: int
-    length: int
-
-    def batches(self, indices: list[int], chunk_size: int) -> Iterator[Any]:
-        loader = DataLoader(
-            Subset(self.dataset, indices),
-            batch_size=chunk_size,
-            shuffle=False,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
-        return iter(loader)
-
-
-@dataclass(frozen=True)
-class _Probe:
-    item_length: int | None  # None for bare inputs, 1 for (input,), 2 for (input, label)
-    input_shape: tuple[int, ...]
-    map_shape: tuple[int, ...]
-    num_features: int
-    first_digest: str
+    @property
+    def label_option(self) -> str | None:
+        """The option that needs data set labels, as written in a call, or None."""
+        if self.labels_from == "dataset":
+            return "labels_from='dataset'"
+        return "target='label'" if self.target == "label" else None
 
 
 def explain_dataset(
@@ -268,8 +249,15 @@ def explain_dataset(
         reduction, store_maps, out_dir,
     )  # fmt: skip
     _check_progress(progress)
-    source = _resolve_source(data)
-    probe = _probe(source, options, check_range)
+    source = resolve_source(data)
+    probe = probe_data(
+        source,
+        value_range=options.value_range,
+        patch_size=options.patch_size,
+        feature_mask=options.feature_mask,
+        label_option=options.label_option,
+        check_range=check_range,
+    )
     rank, world_size = rank_and_world()
 
     fingerprint = _fingerprint(model, source, probe, options, world_size)
@@ -373,116 +361,9 @@ def _check_progress(progress: object) -> None:
         raise TypeError(f"Expected `progress` to be a bool or a callable taking a RunProgress, but got {progress!r}.")
 
 
-def _resolve_source(data: object) -> _Source:
-    """Return the data set, collate function and worker count to read ``data`` with."""
-    if isinstance(data, DataLoader):
-        if isinstance(data.dataset, IterableDataset):
-            raise TypeError(
-                "Expected a DataLoader over a map-style data set, but got one over an IterableDataset. "
-                "Runs address inputs by index to shard and resume them."
-            )
-        if not isinstance(data.sampler, SequentialSampler):
-            raise ValueError(
-                f"Expected a DataLoader that reads the data set in order, but got one with a "
-                f"{type(data.sampler).__name__}. Create it with shuffle=False and no sampler: explain_dataset "
-                "shards the data set across ranks itself."
-            )
-        # Without automatic batching the loader's collate_fn converts single items and cannot batch.
-        collate = data.collate_fn if data.batch_size is not None else default_collate
-        return _Source(data.dataset, collate, data.num_workers, _length(data.dataset))
-    if isinstance(data, IterableDataset):
-        raise TypeError(
-            "Expected a map-style data set with __len__ and __getitem__, but got an IterableDataset. "
-            "Runs address inputs by index to shard and resume them."
-        )
-    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        raise TypeError(
-            f"Expected `data` to be a map-style torch Dataset or a DataLoader, but got {type(data).__name__}."
-        )
-    return _Source(data, default_collate, 0, _length(data))
-
-
-def _length(dataset: Any) -> int:
-    length = len(dataset)
-    if length < 1:
-        raise ValueError("Expected a data set with at least one input, but got an empty one.")
-    return length
-
-
-def _probe(source: _Source, options: _Options, check_range: bool) -> _Probe:
-    """Read the first item to check the inputs, labels and options before any forward pass."""
-    item = source.dataset[0]
-    item_length = None
-    if not isinstance(item, (torch.Tensor, np.ndarray)):
-        item_length = len(item) if isinstance(item, (tuple, list)) else 0
-    if item_length not in (None, 1, 2):
-        raise TypeError(
-            f"Expected data set items to be an input tensor, a 1-tuple (input,) or a pair (input, label), but got "
-            f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
-        )
-    if options.uses_labels and item_length != 2:
-        option = "labels_from='dataset'" if options.labels_from == "dataset" else "target='label'"
-        raise ValueError(
-            f"Expected data set items (input, label) with {option}, but the items are inputs without labels. "
-            "Use labels_from='target' and target=None, or a data set that yields labels."
-        )
-
-    inputs, labels = _split(source.collate([item]), item_length)
-    check_floating(inputs, "inputs")
-    check_finite(inputs, "inputs")
-    check_in_range(inputs, "inputs", options.value_range, strict=check_range)
-    if options.uses_labels:
-        _label_rows(labels, 1, strict=True)
-    batch = _as_batch(inputs, image=options.feature_mask is None)
-    layout = _build_layout(batch, options.patch_size, options.feature_mask)
-    return _Probe(
-        item_length=item_length,
-        input_shape=tuple(batch.shape[1:]),
-        map_shape=tuple(layout.map_shape),
-        num_features=layout.num_features,
-        first_digest=tensor_digest(inputs).hexdigest(),
-    )
-
-
-def _split(batch: Any, item_length: int | None) -> tuple[torch.Tensor, Any]:
-    if item_length is None:
-        inputs, labels = batch, None
-    else:
-        inputs, labels = batch[0], (batch[1] if item_length == 2 else None)
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(
-            f"Expected the collated inputs to be a tensor, but got {type(inputs).__name__}. Return tensors or "
-            "numpy arrays from the data set, or pass a DataLoader whose collate_fn stacks them."
-        )
-    return inputs, labels
-
-
-def _label_rows(labels: Any, count: int, *, strict: bool) -> torch.Tensor | None:
-    """Return the labels as int64 ``(count,)``; when not ``strict``, None for labels that are not class indices."""
-    tensor = labels if isinstance(labels, torch.Tensor) else None
-    valid = (
-        tensor is not None
-        and not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
-        and tensor.dim() == 1
-        and tensor.shape[0] == count
-        and (count == 0 or int(tensor.min()) >= 0)
-    )
-    if valid:
-        return tensor.to(device="cpu", dtype=torch.int64)  # type: ignore[union-attr]
-    if not strict:
-        return None
-    if tensor is None or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        kind = type(labels).__name__ if tensor is None else str(tensor.dtype)
-        raise TypeError(f"Expected data set labels to be integer class indices, but got {kind}.")
-    if tensor.dim() != 1 or tensor.shape[0] != count:
-        raise ValueError(
-            f"Expected one class index per input, shape ({count},), but got labels of shape {tuple(tensor.shape)}. "
-            "For one-hot labels return label.argmax() from the data set."
-        )
-    raise ValueError(f"Expected non-negative class indices as labels, but got {int(tensor.min())}.")
-
-
-def _fingerprint(model: Model, source: _Source, probe: _Probe, options: _Options, world_size: int) -> dict[str, Any]:
+def _fingerprint(
+    model: Model, source: DataSource, probe: DataProbe, options: _Options, world_size: int
+) -> dict[str, Any]:
     mask = options.feature_mask
     output_fn = options.output_fn
     return {
@@ -510,7 +391,9 @@ def _block_range(block: int, chunk_size: int, length: int) -> range:
     return range(block * chunk_size, min(length, (block + 1) * chunk_size))
 
 
-def _pending(source: _Source, options: _Options, blocks: list[int], blocks_done: int) -> Iterator[tuple[int, int, Any]]:
+def _pending(
+    source: DataSource, options: _Options, blocks: list[int], blocks_done: int
+) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(position, block, batch)`` for every block of this rank that is not committed yet."""
     remaining = blocks[blocks_done:]
     indices = [i for block in remaining for i in _block_range(block, options.chunk_size, source.length)]
@@ -525,20 +408,20 @@ def _explain_chunk(
     batch: Any,
     rows: range,
     options: _Options,
-    probe: _Probe,
+    probe: DataProbe,
     accumulator: HeatMapAccumulator,
     stores: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     meter: _Meter,
 ) -> None:
     """Explain one chunk, merge its maps and write its rows of the stores."""
-    inputs, labels = _split(batch, probe.item_length)
+    inputs, labels = split_batch(batch, probe.item_length)
     if inputs.shape[0] != len(rows):
         raise ValueError(
             f"Expected a chunk of {len(rows)} inputs (rows {rows.start} to {rows.stop - 1}), but the collate_fn "
             f"returned {inputs.shape[0]}."
         )
-    label_rows = _label_rows(labels, len(rows), strict=options.uses_labels) if labels is not None else None
-    target: Any = label_rows if options.target == "label" else options.target
+    chunk_labels = label_rows(labels, len(rows), strict=options.uses_labels) if labels is not None else None
+    target: Any = chunk_labels if options.target == "label" else options.target
     result = explain(
         model,
         inputs,
@@ -552,13 +435,13 @@ def _explain_chunk(
         progress=meter.explain_callback,
         check_range=False,
     )
-    keys = result.target if options.labels_from == "target" else label_rows
+    keys = result.target if options.labels_from == "target" else chunk_labels
     accumulator.update(_grid_normalize(result.positive), keys)  # type: ignore[arg-type]
 
     targets, labels_store, maps = stores
     targets[rows.start : rows.stop] = result.target.cpu().numpy()
-    if label_rows is not None:
-        labels_store[rows.start : rows.stop] = label_rows.numpy()
+    if chunk_labels is not None:
+        labels_store[rows.start : rows.stop] = chunk_labels.numpy()
     if maps is not None:
         maps[rows.start : rows.stop] = result.positive.detach().to(device="cpu", dtype=torch.float32).numpy()
 
@@ -584,7 +467,7 @@ def _flush(*stores: np.ndarray | None) -> None:
 
 def _finish(
     accumulator: HeatMapAccumulator,
-    probe: _Probe,
+    probe: DataProbe,
     run: RunDirectory | None,
     options: _Options,
     stores: tuple[np.ndarray, np.ndarray, np.ndarray | None],
