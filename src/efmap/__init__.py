@@ -8,6 +8,7 @@ landmarks.
 
 from efmap._version import __version__
 from efmap._warnings import EfmapWarning
+from efmap.dataset import DatasetExplanation, RunProgress, explain_dataset
 from efmap.evaluate import MaskedAccuracy, accuracy, masked_accuracy
 from efmap.landmarks import Landmarks, apply_mask, select_landmarks
 from efmap.merge import HeatMapAccumulator
@@ -16,15 +17,18 @@ from efmap.reversal import reverse
 from efmap.scoring import Explanation, explain
 
 __all__ = [
+    "DatasetExplanation",
     "EfmapWarning",
     "Explanation",
     "HeatMapAccumulator",
     "Landmarks",
     "MaskedAccuracy",
+    "RunProgress",
     "__version__",
     "accuracy",
     "apply_mask",
     "explain",
+    "explain_dataset",
     "masked_accuracy",
     "minmax",
     "quantize",

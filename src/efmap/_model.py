@@ -80,7 +80,8 @@ def evaluation_mode(model: Model) -> Iterator[None]:
         return
 
     flags = [(module, module.training) for module in model.modules()]
-    if any(training for _, training in flags):
+    any_training = any(training for _, training in flags)
+    if any_training:
         warnings.warn(
             "The model is in training mode; it is explained in eval mode, and its mode is restored afterwards. "
             "Call model.eval() first to silence this warning.",
@@ -88,7 +89,9 @@ def evaluation_mode(model: Model) -> Iterator[None]:
             stacklevel=4,
         )
     try:
-        model.eval()
+        # Modules already in eval mode are left alone: some, like torch.export graphs, raise on eval().
+        if any_training:
+            model.eval()
         yield
     finally:
         for module, training in flags:
