@@ -465,3 +465,14 @@ def test_no_warning_for_clean_run(small_cnn, images):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         efmap.explain(small_cnn, images)
+
+
+def test_exported_program_module(small_cnn, images):
+    exported = torch.export.export(small_cnn, (images,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    module = exported.module()
+    assert module.training  # reported by torch.export, although the graph was traced in eval mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = efmap.explain(module, images, batch_size=8)
+    torch.testing.assert_close(result.positive, efmap.explain(small_cnn, images).positive)
+    assert module.training

@@ -80,19 +80,25 @@ def evaluation_mode(model: Model) -> Iterator[None]:
         return
 
     flags = [(module, module.training) for module in model.modules()]
-    any_training = any(training for _, training in flags)
-    if any_training:
-        warnings.warn(
-            "The model is in training mode; it is explained in eval mode, and its mode is restored afterwards. "
-            "Call model.eval() first to silence this warning.",
-            EfmapWarning,
-            stacklevel=4,
-        )
     try:
-        # Modules already in eval mode are left alone: some, like torch.export graphs, raise on eval().
-        if any_training:
-            model.eval()
+        if any(training for _, training in flags):
+            _switch_to_eval(model)
         yield
     finally:
         for module, training in flags:
             module.training = training
+
+
+def _switch_to_eval(model: torch.nn.Module) -> None:
+    try:
+        model.eval()
+    except NotImplementedError:
+        # Modules from torch.export.load reject eval(): their train or eval behaviour was fixed when they were
+        # exported, and the flag they report has no effect.
+        return
+    warnings.warn(
+        "The model is in training mode; it is explained in eval mode, and its mode is restored afterwards. "
+        "Call model.eval() first to silence this warning.",
+        EfmapWarning,
+        stacklevel=5,
+    )
