@@ -15,6 +15,9 @@ from efmap.normalize import minmax
 
 __all__ = ["HeatMapAccumulator"]
 
+# Normalised maps are rounded to multiples of 2**-24 so that their float64 sums are exact and order-independent.
+_GRID_STEPS = float(2**24)
+
 
 class HeatMapAccumulator:
     """Merge heat maps per class as they stream in, without keeping the maps.
@@ -26,8 +29,12 @@ class HeatMapAccumulator:
     maps the same way, so every class weighs the same however many maps it has.
 
     Two accumulators that saw disjoint parts of a data set combine with
-    :meth:`merge` into one that equals an accumulator that saw all of it: the
-    maximum and count exactly, the sum and mean up to float64 rounding.
+    :meth:`merge` into one that equals an accumulator that saw all of it. With
+    ``normalize="minmax"`` this holds bit for bit, whatever the order: every
+    normalised map is rounded to a multiple of ``2**-24`` (finer than float32
+    resolution near 1), and float64 sums of fewer than ``2**29`` such values
+    are exact. Raw maps (``normalize=None``) merge exactly in count and
+    maximum, and in sum and mean up to float64 rounding.
 
     Parameters
     ----------
@@ -100,7 +107,8 @@ class HeatMapAccumulator:
             with warnings.catch_warnings():
                 # A constant map becomes zeros; when merging that is a valid contribution, not a mistake.
                 warnings.simplefilter("ignore", EfmapWarning)
-                maps = minmax(maps, dims=self.dims)
+                maps = minmax(maps.detach().to(device="cpu", dtype=torch.float64), dims=self.dims)
+            maps = torch.round(maps * _GRID_STEPS) / _GRID_STEPS
         maps = maps.detach().to(device="cpu", dtype=torch.float64)
         for label in torch.unique(label_tensor).tolist():
             selected = maps[label_tensor == label]
