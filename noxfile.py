@@ -1,4 +1,4 @@
-"""Development sessions: ``nox -s tests``, ``nox -s demo``, ``nox -s lint``."""
+"""Development sessions: ``nox -s tests``, ``nox -s demo``, ``nox -s lint``, ``nox -s docs``."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def lint(session: nox.Session) -> None:
     install(session, "dev")
     session.run("ruff", "check", "src", "tests", "examples")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation with warnings as errors, run its doctests and check the links inside the site."""
+    install(session, "docs")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html", *session.posargs)
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "doctest", "-D", "plot_gallery=0", "docs", "docs/_build/doctest")
+    session.run("python", "docs/check_links.py", "docs/_build/html")

@@ -141,7 +141,7 @@ def perturb_chunk(
     stop: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Build perturbed copies ``start .. stop - 1`` of the flattened (input, feature) grid.
+    """Build perturbed copies ``start`` to ``stop - 1`` of the flattened (input, feature) grid.
 
     Copy ``g`` is input ``g // F`` with feature ``g % F`` taken from
     ``reversed_inputs`` and every other element from ``inputs``. Only these

@@ -51,7 +51,12 @@ class AgeResNet(nn.Module):
         Number of output classes. Default 3 (minor, adult, old).
     input_size
         Side of the square input the network is meant for. Default 128. The network
-        itself accepts any size; this value sets :attr:`input_shape`.
+        itself accepts any size; this value sets ``input_shape``.
+
+    Attributes
+    ----------
+    input_shape
+        The per-sample input shape the network is meant for, ``(in_channels, input_size, input_size)``.
 
     Examples
     --------

@@ -24,10 +24,14 @@ class FaceSplit:
 
     Attributes
     ----------
-    x_train, x_test
-        Images ``(N, 1, 25, 25)``, float32, in ``[-1, 1]``.
-    y_train, y_test
-        Labels ``(N,)``, int64: 0 = face, 1 = non-face.
+    x_train
+        Training images ``(N, 1, 25, 25)``, float32, in ``[-1, 1]``.
+    y_train
+        Training labels ``(N,)``, int64: 0 = face, 1 = non-face.
+    x_test
+        Test images ``(M, 1, 25, 25)``, float32, in ``[-1, 1]``.
+    y_test
+        Test labels ``(M,)``, int64.
     """
 
     x_train: torch.Tensor
