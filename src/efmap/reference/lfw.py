@@ -61,6 +61,13 @@ def load_lfw_faces(*, test_fraction: float = 0.3, seed: int = 0) -> FaceSplit:
         If scikit-image is not installed (``pip install efmap[examples]``).
     ValueError
         If ``test_fraction`` leaves no training or no test image in a class.
+
+    Examples
+    --------
+    >>> from efmap.reference.lfw import load_lfw_faces
+    >>> data = load_lfw_faces(seed=0)
+    >>> tuple(data.x_train.shape), tuple(data.x_test.shape), data.y_test.bincount().tolist()
+    ((140, 1, 25, 25), (60, 1, 25, 25), [30, 30])
     """
     try:
         from skimage.data import lfw_subset
