@@ -12,10 +12,10 @@ The build is meant to work offline and with warnings as errors:
   with network access to fetch them. Without inventories, references to those
   projects render as plain text and ``nitpick_ignore_regex`` keeps them from
   failing the nitpicky build.
-* Formulas are typeset in the browser by MathJax. With the
-  ``sphinx-mathjax-offline`` package installed (it is in the ``docs`` extra)
-  the MathJax files are copied into the site, so the pages render without
-  network; otherwise the pages load MathJax from its public CDN.
+* Formulas are typeset in the browser by MathJax. The ``docs`` extra installs
+  ``sphinx-mathjax-offline``, which copies MathJax 3 into the site, so the
+  pages render formulas without network. Without that package the pages load
+  MathJax from its public CDN.
 * sphinx-gallery runs only the examples named ``plot_*.py`` (each runs in
   seconds on a CPU); the other scripts in ``examples/`` are shown without
   being run.
@@ -58,7 +58,7 @@ extensions = [
     "matplotlib.sphinxext.plot_directive",
 ]
 if importlib.util.find_spec("sphinx-mathjax-offline") is not None:
-    # The package's import name has hyphens; it ships MathJax and points mathjax_path at the copy.
+    # The package's import name contains hyphens. It ships MathJax and points mathjax_path at the copy.
     extensions.append("sphinx-mathjax-offline")
 
 templates_path = ["_templates"]
@@ -132,7 +132,7 @@ for _name, _url in INVENTORIES.items():
         intersphinx_mapping[_name] = (_url, str(_local))
 intersphinx_timeout = 10
 
-# References into projects whose inventory is absent cannot resolve; they render as plain text.
+# References into projects without a local inventory cannot resolve, so they render as plain text.
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|numpy|np|matplotlib|PIL|skimage|collections\.abc|typing|typing_extensions)(\..*)?"),
     (r"py:.*", r"(Tensor|Module|ndarray|Generator|Callable|Sequence|Iterator|Mapping|Any|Literal|Union)"),
@@ -140,7 +140,7 @@ nitpick_ignore_regex = [
     # Generic builtins written in a Returns section, such as list[float].
     (r"py:class", r"(list|tuple|dict|set)\[.*\]"),
 ]
-# The same names, when their inventory is present, resolve normally; these remain external in any case.
+# The ``...`` of tuple[int, ...] in type hints has no target in any inventory.
 nitpick_ignore = [("py:data", "Ellipsis")]
 
 linkcheck_ignore = [r"https?://.*"]  # offline: only links inside the site are checked
@@ -171,7 +171,7 @@ def _check_public_names(app: Any, env: Any) -> None:
         try:
             module = importlib.import_module(module_name)
         except ImportError as error:  # an optional dependency of the docs is missing
-            log.warning("cannot import %s to check the API reference: %s", module_name, error)
+            log.warning("failed to import %s to check the API reference: %s", module_name, error)
             continue
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)

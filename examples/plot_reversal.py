@@ -2,10 +2,11 @@
 The reversal and a first heat map
 =================================
 
-This example shows what efmap does to an input and what comes out: the
-reversal function, a face with every pixel reversed, and the positive and
-negative maps of one face, explained by a small network trained for a few
-seconds on the faces that ship with scikit-image.
+This example shows what efmap does to an input and what comes out. It plots
+the reversal function and a face with every pixel reversed. Then a small
+network learns, in a few seconds, to tell the faces that ship with
+scikit-image from other patches, and efmap explains its decision on one face
+with a positive and a negative map.
 """
 
 # %%
@@ -49,7 +50,7 @@ for ax in axes[1:]:
 # %%
 # A small classifier
 # ------------------
-# The LFW subset of scikit-image holds 100 faces and 100 non-face patches of
+# The LFW subset of scikit-image contains 100 faces and 100 non-face patches of
 # 25 by 25 pixels. A network of two convolutions and a linear layer learns to tell them
 # apart in a few seconds. :func:`~efmap.reference.training.fit` trains with
 # SGD in a seeded order and leaves the model in eval mode.
@@ -82,11 +83,11 @@ heatmap = efmap.minmax(result.positive)[0]
 fig, axes = plt.subplots(1, 4, figsize=(10, 2.9), layout="constrained")
 axes[0].imshow(face[0], cmap="gray", vmin=-1, vmax=1)
 axes[0].set_title(f"input ({label})")
-shown = axes[1].imshow(result.positive[0], cmap="inferno")
-fig.colorbar(shown, ax=axes[1], shrink=0.8)
+image = axes[1].imshow(result.positive[0], cmap="inferno")
+fig.colorbar(image, ax=axes[1], shrink=0.8)
 axes[1].set_title("positive factor")
-shown = axes[2].imshow(result.negative[0], cmap="viridis")
-fig.colorbar(shown, ax=axes[2], shrink=0.8)
+image = axes[2].imshow(result.negative[0], cmap="viridis")
+fig.colorbar(image, ax=axes[2], shrink=0.8)
 axes[2].set_title("negative factor")
 axes[3].imshow(face[0], cmap="gray", vmin=-1, vmax=1)
 axes[3].imshow(heatmap, cmap="inferno", alpha=0.55)
@@ -117,8 +118,8 @@ axes[0].imshow(data.x_test[worst, 0], cmap="gray", vmin=-1, vmax=1)
 axes[0].set_title(f"test image {worst} ({CLASS_NAMES[int(by_max.target[worst])]})")
 axes[1].imshow(by_max.positive[worst], cmap="inferno", vmin=0, vmax=top)
 axes[1].set_title('score="max"')
-shown = axes[2].imshow(by_target.positive[worst], cmap="inferno", vmin=0, vmax=top)
+image = axes[2].imshow(by_target.positive[worst], cmap="inferno", vmin=0, vmax=top)
 axes[2].set_title('score="target"')
-fig.colorbar(shown, ax=axes[2], shrink=0.8)
+fig.colorbar(image, ax=axes[2], shrink=0.8)
 for ax in axes:
     ax.set_axis_off()

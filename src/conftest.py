@@ -2,8 +2,8 @@
 
 Modules that import an optional dependency (matplotlib, Pillow, scikit-image, tqdm, ...)
 must not break the run where that extra is not installed. A module is skipped
-when any package it imports, at the top or inside a function, cannot be found;
-its examples then run wherever the extra is installed.
+when any package it imports, at the top or inside a function, is not installed.
+Its examples then run wherever the extra is installed.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class BasicBlock(nn.Module):
 
 
 class AgeResNet(nn.Module):
-    """ResNet for facial age groups from S.-M. Hong and H. Yoo (2021).
+    """ResNet for facial age groups, as described by Hong and Yoo (2021).
 
     A 3x3 stem convolution to 16 channels, five stages of two
     :class:`BasicBlock` each with 8, 16, 32, 64 and 128 channels (the first at
