@@ -9,9 +9,10 @@ The build is meant to work offline and with warnings as errors:
 * Intersphinx reads inventories only from local files: put ``python.inv``,
   ``numpy.inv`` or ``torch.inv`` (the ``objects.inv`` of those projects) in
   ``docs/_intersphinx/``, or set ``EFMAP_DOCS_INTERSPHINX=online`` on a machine
-  with network access to fetch them. Without inventories, references to those
-  projects render as plain text and ``nitpick_ignore_regex`` keeps them from
-  failing the nitpicky build.
+  with network access to fetch them. On Debian, ``apt-get install python3.11-doc``
+  provides Python's at ``/usr/share/doc/python3.11/html/objects.inv``. Without
+  inventories, references to those projects render as plain text, and
+  ``nitpick_ignore_regex`` keeps them from failing the nitpicky build.
 * Formulas are typeset in the browser by MathJax. The ``docs`` extra installs
   ``sphinx-mathjax-offline``, which copies MathJax 3 into the site, so the
   pages render formulas without network. Without that package the pages load
@@ -110,7 +111,7 @@ sphinx_gallery_conf = {
     "ignore_pattern": r"[\\/]_",
     "download_all_examples": False,
     "remove_config_comments": True,
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "ExampleTitleSortKey",
     "min_reported_time": 1,
     "matplotlib_animations": False,
     "reset_modules": ("matplotlib",),

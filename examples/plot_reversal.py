@@ -1,6 +1,6 @@
 """
-The reversal and a first heat map
-=================================
+A first heat map
+================
 
 This example shows what efmap does to an input and what comes out. It plots
 the reversal function and a face with every pixel reversed. Then a small
@@ -80,6 +80,7 @@ print(f"predicted: {label}, score {float(result.clean_score[0]):.3f}")
 print(f"largest positive factor {float(result.positive.max()):.4f}, negative {float(result.negative.max()):.4f}")
 
 heatmap = efmap.minmax(result.positive)[0]
+# sphinx_gallery_thumbnail_number = 2
 fig, axes = plt.subplots(1, 4, figsize=(10, 2.9), layout="constrained")
 axes[0].imshow(face[0], cmap="gray", vmin=-1, vmax=1)
 axes[0].set_title(f"input ({label})")
@@ -123,3 +124,4 @@ axes[2].set_title('score="target"')
 fig.colorbar(image, ax=axes[2], shrink=0.8)
 for ax in axes:
     ax.set_axis_off()
+plt.show()
