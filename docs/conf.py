@@ -63,9 +63,8 @@ if importlib.util.find_spec("sphinx-mathjax-offline") is not None:
     extensions.append("sphinx-mathjax-offline")
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "_intersphinx", "auto_examples/*.ipynb", "auto_examples/*.py", "**/*.zip"]
+exclude_patterns = ["_build", "_intersphinx"]
 nitpicky = True
-default_role = "py:obj"
 
 # -- HTML ---------------------------------------------------------------------------------------
 html_theme = "furo"
