@@ -82,7 +82,42 @@ def accuracy(
     batch_size: int = 256,
     output_fn: OutputFn | None = None,
 ) -> float:
-    """Return the fraction of ``inputs`` whose predicted class (the arg max of the scores) equals ``labels``."""
+    """Return the fraction of ``inputs`` whose predicted class (the arg max of the scores) equals ``labels``.
+
+    Parameters
+    ----------
+    model
+        Classifier from ``(N, ...)`` to class scores ``(N, K)``; put in eval mode for the call.
+    inputs
+        Floating tensor ``(N, ...)``, moved to the model's device and dtype batch by batch.
+    labels
+        True class per input, ``N`` integers.
+    batch_size
+        Inputs per forward pass. Default 256.
+    output_fn
+        Picks the class scores from a model that returns a tuple or dict.
+
+    Returns
+    -------
+    float
+        Accuracy in ``[0, 1]``; 0.0 for an empty batch.
+
+    Raises
+    ------
+    TypeError
+        If ``inputs`` is not floating point, ``labels`` are not integers, or the model output is not a tensor.
+    ValueError
+        If ``labels`` does not have one entry per input or ``batch_size`` is not a positive integer.
+
+    Examples
+    --------
+    >>> import torch, efmap
+    >>> model = torch.nn.Linear(2, 2)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.copy_(torch.eye(2)), model.bias.zero_()
+    >>> efmap.accuracy(model.eval(), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), [0, 1, 1])
+    0.6666666666666666
+    """
     check_floating(inputs, "inputs")
     label_tensor = _as_labels(labels, inputs.shape[0])
     batch_size = check_batch_size(batch_size)
@@ -150,6 +185,16 @@ def masked_accuracy(
     ValueError
         If ``labels`` does not have one entry per input, the mask shape does not match the
         inputs, or ``num_random`` is negative.
+
+    Examples
+    --------
+    >>> import torch, efmap
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    >>> images = torch.rand(8, 1, 2, 2) * 2 - 1
+    >>> keep = torch.tensor([[True, True], [False, False]])
+    >>> result = efmap.masked_accuracy(model, images, torch.zeros(8, dtype=torch.long), keep, num_random=3)
+    >>> result.kept, result.total, result.random.shape
+    (2, 4, torch.Size([3]))
     """
     mask = landmarks.mask if isinstance(landmarks, Landmarks) else landmarks
     check_floating(inputs, "inputs")

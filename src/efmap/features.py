@@ -60,6 +60,13 @@ def pixel_layout(height: int, width: int, ndim: int, device: torch.device | None
     """Build one feature per spatial position, all channels reversed together.
 
     ``ndim`` is the number of per-sample dimensions of the input (3 for ``(C, H, W)``).
+
+    Examples
+    --------
+    >>> from efmap.features import pixel_layout
+    >>> layout = pixel_layout(2, 3, ndim=3)
+    >>> layout.num_features, layout.map_shape, tuple(layout.index.shape)
+    (6, (2, 3), (1, 1, 2, 3))
     """
     ids = torch.arange(height * width, device=device, dtype=torch.int64).reshape(height, width)
     return _from_dense(ids, ndim)
@@ -72,6 +79,19 @@ def patch_layout(
 
     Patches are laid out row by row from the top left corner; where the size
     does not divide the image, the last row and column of patches are smaller.
+
+    Raises
+    ------
+    ValueError
+        If ``patch_size`` is not a positive integer or exceeds the image size.
+
+    Examples
+    --------
+    >>> from efmap.features import patch_layout
+    >>> patch_layout(3, 4, patch_size=2, ndim=3).index[0, 0]
+    tensor([[0, 0, 1, 1],
+            [0, 0, 1, 1],
+            [2, 2, 3, 3]])
     """
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"Expected `patch_size` to be a positive integer, but got {patch_size!r}.")
@@ -93,6 +113,21 @@ def mask_layout(feature_mask: torch.Tensor, input_shape: tuple[int, ...]) -> Fea
     of 1 or ``N``, or fewer dimensions and then applies to every input. Its
     per-sample part must broadcast to the per-sample input shape, aligned on
     the right as in NumPy.
+
+    Raises
+    ------
+    TypeError
+        If ``feature_mask`` is not an integer tensor.
+    ValueError
+        If its batch size or per-sample shape does not fit ``input_shape``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from efmap.features import mask_layout
+    >>> layout = mask_layout(torch.tensor([7, 7, 3, 9]), input_shape=(5, 4))
+    >>> layout.num_features, layout.map_shape, layout.feature_ids
+    (3, (4,), tensor([3, 7, 9]))
     """
     if not isinstance(feature_mask, torch.Tensor):
         raise TypeError(f"Expected `feature_mask` to be an integer torch.Tensor, but got {type(feature_mask).__name__}.")
@@ -141,12 +176,25 @@ def perturb_chunk(
     stop: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Build perturbed copies ``start .. stop - 1`` of the flattened (input, feature) grid.
+    """Build perturbed copies ``start`` to ``stop - 1`` of the flattened (input, feature) grid.
 
     Copy ``g`` is input ``g // F`` with feature ``g % F`` taken from
     ``reversed_inputs`` and every other element from ``inputs``. Only these
     ``stop - start`` copies are ever materialised. ``out`` may supply a buffer
     of at least that many rows to write into.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from efmap.features import perturb_chunk, pixel_layout
+    >>> inputs = torch.zeros(1, 1, 2, 2)
+    >>> copies = perturb_chunk(inputs, inputs - 1, pixel_layout(2, 2, ndim=3), start=0, stop=2)
+    >>> copies[:, 0]
+    tensor([[[-1.,  0.],
+             [ 0.,  0.]],
+    <BLANKLINE>
+            [[ 0., -1.],
+             [ 0.,  0.]]])
     """
     num_features = layout.num_features
     flat = torch.arange(start, stop, device=inputs.device)

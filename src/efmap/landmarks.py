@@ -143,6 +143,25 @@ def apply_mask(
     -------
     torch.Tensor
         A new tensor of the same shape and dtype as ``inputs``.
+
+    Raises
+    ------
+    TypeError
+        If ``inputs`` is not a floating-point tensor or ``mask`` is not a boolean tensor.
+    ValueError
+        If the mask shape differs from the trailing dimensions of ``inputs``, or ``fill`` is an unknown string.
+
+    Examples
+    --------
+    >>> import torch, efmap
+    >>> images = torch.full((1, 1, 2, 2), 0.5)
+    >>> keep = torch.tensor([[True, False], [False, True]])
+    >>> efmap.apply_mask(images, keep)[0, 0]
+    tensor([[0.5000, 0.0000],
+            [0.0000, 0.5000]])
+    >>> efmap.apply_mask(images, keep, fill="reverse")[0, 0]
+    tensor([[ 0.5000, -0.5000],
+            [-0.5000,  0.5000]])
     """
     check_floating(inputs, "inputs")
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:

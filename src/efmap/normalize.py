@@ -73,7 +73,7 @@ def minmax(maps: torch.Tensor, *, dims: int = 2) -> torch.Tensor:
 
 
 def quantize(maps: torch.Tensor, levels: int = 256) -> torch.Tensor:
-    """Round maps in ``[0, 1]`` to ``levels`` evenly spaced brightness levels ``0 .. levels - 1``.
+    """Round maps in ``[0, 1]`` to ``levels`` evenly spaced integer brightness levels, ``0`` to ``levels - 1``.
 
     Parameters
     ----------

@@ -36,7 +36,7 @@ class BasicBlock(nn.Module):
 
 
 class AgeResNet(nn.Module):
-    """ResNet for facial age groups from S.-M. Hong and H. Yoo (2021).
+    """ResNet for facial age groups, as described by Hong and Yoo (2021).
 
     A 3x3 stem convolution to 16 channels, five stages of two
     :class:`BasicBlock` each with 8, 16, 32, 64 and 128 channels (the first at
@@ -51,7 +51,12 @@ class AgeResNet(nn.Module):
         Number of output classes. Default 3 (minor, adult, old).
     input_size
         Side of the square input the network is meant for. Default 128. The network
-        itself accepts any size; this value sets :attr:`input_shape`.
+        itself accepts any size; this value sets ``input_shape``.
+
+    Attributes
+    ----------
+    input_shape
+        The per-sample input shape the network is meant for, ``(in_channels, input_size, input_size)``.
 
     Examples
     --------

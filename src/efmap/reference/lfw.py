@@ -24,10 +24,14 @@ class FaceSplit:
 
     Attributes
     ----------
-    x_train, x_test
-        Images ``(N, 1, 25, 25)``, float32, in ``[-1, 1]``.
-    y_train, y_test
-        Labels ``(N,)``, int64: 0 = face, 1 = non-face.
+    x_train
+        Training images ``(N, 1, 25, 25)``, float32, in ``[-1, 1]``.
+    y_train
+        Training labels ``(N,)``, int64: 0 = face, 1 = non-face.
+    x_test
+        Test images ``(M, 1, 25, 25)``, float32, in ``[-1, 1]``.
+    y_test
+        Test labels ``(M,)``, int64.
     """
 
     x_train: torch.Tensor
@@ -57,6 +61,13 @@ def load_lfw_faces(*, test_fraction: float = 0.3, seed: int = 0) -> FaceSplit:
         If scikit-image is not installed (``pip install efmap[examples]``).
     ValueError
         If ``test_fraction`` leaves no training or no test image in a class.
+
+    Examples
+    --------
+    >>> from efmap.reference.lfw import load_lfw_faces
+    >>> data = load_lfw_faces(seed=0)
+    >>> tuple(data.x_train.shape), tuple(data.x_test.shape), data.y_test.bincount().tolist()
+    ((140, 1, 25, 25), (60, 1, 25, 25), [30, 30])
     """
     try:
         from skimage.data import lfw_subset

@@ -44,6 +44,21 @@ def fit(
     -------
     list[float]
         Mean training loss of every epoch.
+
+    Raises
+    ------
+    ValueError
+        If ``inputs`` and ``labels`` differ in length.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from efmap.reference.training import fit
+    >>> model = torch.nn.Linear(2, 2)
+    >>> inputs = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(8, 1)
+    >>> losses = fit(model, inputs, torch.tensor([0, 1]).repeat(8), epochs=10, batch_size=4)
+    >>> len(losses), losses[-1] < losses[0], model.training
+    (10, True, False)
     """
     if inputs.shape[0] != labels.shape[0]:
         raise ValueError(f"Expected one label per input ({inputs.shape[0]}), but got {labels.shape[0]}.")
