@@ -134,7 +134,7 @@ intersphinx_timeout = 10
 
 # References into projects without a local inventory cannot resolve, so they render as plain text.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|numpy|np|matplotlib|PIL|skimage|collections\.abc|typing|typing_extensions)(\..*)?"),
+    (r"py:.*", r"(torch|numpy|np|matplotlib|PIL|skimage|collections\.abc|typing|typing_extensions|pathlib|os)(\..*)?"),
     (r"py:.*", r"(Tensor|Module|ndarray|Generator|Callable|Sequence|Iterator|Mapping|Any|Literal|Union)"),
     (r"py:.*", r"(dtype|device|memory_format)"),
     # Generic builtins written in a Returns section, such as list[float].

@@ -1,4 +1,8 @@
-"""Explain the trained age-group ResNet on the Adience test split, merge the maps and select landmarks.
+"""
+Explain the age-group ResNet on Adience
+=======================================
+
+Explain the trained age-group ResNet on the Adience test split, merge the maps and select landmarks.
 
 For every test image of the split that ``train_age_resnet.py`` saved, each pixel
 is reversed in turn (all channels together), and the fall of the maximum output
@@ -45,7 +49,7 @@ PAPER_KEEP_FRACTION = 10810 / 16384
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--root", type=Path, required=True, help="Adience folder (or a folder with it one level down)")
     parser.add_argument(
         "--out", type=Path, default=Path("out/age_resnet"), help="training output folder (default out/age_resnet)"

@@ -1,4 +1,8 @@
-"""Quickstart: train, explain, merge, select landmarks and test them on real faces that ship offline.
+"""
+Quickstart on real faces
+========================
+
+Train, explain, merge, select landmarks and test them on real faces that ship offline.
 
 The data are the 200 grayscale 25x25 images that scikit-image bundles
 (``skimage.data.lfw_subset``): 100 faces from Labeled Faces in the Wild and
@@ -30,7 +34,7 @@ logger = logging.getLogger("quickstart")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--out", type=Path, default=Path("out/quickstart"), help="output folder (default: %(default)s)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the split, weights and masks (default: %(default)s)"

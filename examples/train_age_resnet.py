@@ -1,4 +1,8 @@
-"""Train the age-group ResNet of Hong and Yoo (2021) on a local copy of the Adience benchmark.
+"""
+Train the age-group ResNet on Adience
+=====================================
+
+Train the age-group ResNet of Hong and Yoo (2021) on a local copy of the Adience benchmark.
 
 The three groups are minor (0-12), adult (15-53) and old (60-100). The first
 run draws a balanced split (1,340 training and 400 test images per group by
@@ -55,7 +59,7 @@ RESUME_KEYS = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--root", type=Path, required=True, help="Adience folder (or a folder with it one level down)")
     parser.add_argument(
         "--out", type=Path, default=Path("out/age_resnet"), help="output folder (default out/age_resnet)"

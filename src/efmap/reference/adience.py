@@ -427,7 +427,7 @@ class AdienceDataset(Dataset):  # type: ignore[type-arg]
     An image that is missing or cannot be decoded yields None instead of a pair, so
     that a long run goes on; :func:`collate_skipping` drops such items from a batch.
     The first ``report_limit`` failures are logged with their path and error, and
-    :attr:`skipped` keeps all of them.
+    ``skipped`` keeps all of them.
 
     Parameters
     ----------
@@ -443,7 +443,7 @@ class AdienceDataset(Dataset):  # type: ignore[type-arg]
     Notes
     -----
     With ``DataLoader`` worker processes each worker has its own copy of the data set, so it
-    logs its own failures, and :attr:`skipped` in the main process lists only failures that
+    logs its own failures, and ``skipped`` in the main process lists only failures that
     happened there.
 
     Examples
