@@ -92,7 +92,7 @@ def test_check_links_rejects_a_missing_site(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_doctest_collection_skips_modules_with_missing_optional_imports(tmp_path: Path) -> None:
-    collection = _load(ROOT / "src" / "conftest.py", "efmap_src_conftest")
+    collection = _load(ROOT / "tests" / "doctest_collection.py", "efmap_doctest_collection")
     lazy = tmp_path / "lazy.py"
     lazy.write_text("import os\n\ndef f():\n    import not_an_installed_package_x.sub\n", encoding="utf-8")
     present = tmp_path / "present.py"
@@ -101,4 +101,4 @@ def test_doctest_collection_skips_modules_with_missing_optional_imports(tmp_path
     assert collection._missing_imports(present) == ()
     assert collection.pytest_ignore_collect(lazy) is True
     assert collection.pytest_ignore_collect(present) is None
-    assert "efmap_src_conftest" not in sys.modules
+    assert "efmap_doctest_collection" not in sys.modules

@@ -1,4 +1,8 @@
-"""Collection of the docstring examples in ``src/efmap`` (pytest runs them with ``--doctest-modules``).
+"""Pytest plugin for collecting the docstring examples in ``src/efmap`` (run with ``--doctest-modules``).
+
+It is loaded with ``-p doctest_collection`` rather than as a ``conftest.py`` in ``src/``, because a
+second top-level ``conftest`` module beside ``tests/conftest.py`` makes pytest fail with "import file
+mismatch".
 
 Modules that import an optional dependency (matplotlib, Pillow, scikit-image, tqdm, ...)
 must not break the run where that extra is not installed. A module is skipped
