@@ -130,9 +130,7 @@ def describe(graph_module: fx.GraphModule, node: fx.Node) -> str:
     return f"function {module + '.' if module and module != 'builtins' else ''}{name}"
 
 
-def _classify(
-    graph_module: fx.GraphModule, node: fx.Node, values: dict[fx.Node, Any], dependent: set[fx.Node]
-) -> Step:
+def _classify(graph_module: fx.GraphModule, node: fx.Node, values: dict[fx.Node, Any], dependent: set[fx.Node]) -> Step:
     inputs = [arg for arg in node.all_input_nodes if arg in dependent]
     tensors = [values[arg] for arg in inputs if isinstance(values[arg], torch.Tensor)]
     if not tensors and node.op == "call_function" and _is_python_builtin(node.target):
@@ -162,31 +160,34 @@ def _classify_module(graph_module: fx.GraphModule, node: fx.Node, value: Any) ->
     module = graph_module.get_submodule(str(node.target))
     if module.training:
         raise Unsupported(f"{describe(graph_module, node)} is in training mode")
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    # Exact types: torch.nn subclasses such as quantisation-aware convolutions change what forward computes.
+    kind = type(module)
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
         if module.running_mean is None or module.running_var is None:
             raise Unsupported(
                 f"{describe(graph_module, node)} normalises with batch statistics (track_running_stats=False)"
             )
         return Step(node, "elementwise")
-    if isinstance(module, _ELEMENTWISE_MODULES):
+    if kind in _ELEMENTWISE_MODULES:
         return Step(node, "elementwise")
     spatial = isinstance(value, torch.Tensor) and value.dim() == 4
-    if spatial and isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+    if spatial and isinstance(module, nn.Conv2d) and kind is nn.Conv2d and module.padding_mode == "zeros":
         return _conv_step(node, module, value)
-    if spatial and isinstance(module, nn.MaxPool2d) and not module.return_indices:
+    if spatial and isinstance(module, nn.MaxPool2d) and kind is nn.MaxPool2d and not module.return_indices:
         return _pool_step(node, module, value, float("-inf"))
-    if spatial and isinstance(module, nn.AvgPool2d) and not module.ceil_mode:
+    if spatial and isinstance(module, nn.AvgPool2d) and kind is nn.AvgPool2d and not module.ceil_mode:
         if module.count_include_pad or _pair(module.padding) == (0, 0):
             return _pool_step(node, module, value, 0.0)
-    if spatial and isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == (1, 1):
-        return Step(node, "mean")
-    if isinstance(module, nn.Flatten):
+    if spatial and isinstance(module, nn.AdaptiveAvgPool2d) and kind is nn.AdaptiveAvgPool2d:
+        if _pair(module.output_size) == (1, 1):
+            return Step(node, "mean")
+    if isinstance(module, nn.Flatten) and kind is nn.Flatten:
         return Step(node, "dense") if _normal_dim(module.start_dim, value) >= 1 else None
-    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)) and kind in (nn.Softmax, nn.LogSoftmax):
         return Step(node, "dense") if module.dim is not None and _normal_dim(module.dim, value) != 0 else None
     if isinstance(module, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) and module.return_indices:
         return None
-    if isinstance(module, _DENSE_MODULES):
+    if kind in _DENSE_MODULES:
         return Step(node, "dense")
     return None
 
@@ -239,10 +240,14 @@ def _conv_step(node: fx.Node, conv: nn.Conv2d, value: torch.Tensor) -> Step:
     dilation = _pair(conv.dilation)
     if isinstance(conv.padding, str):
         # "same" pads (dilation * (kernel - 1)) // 2 before and the rest after; "valid" pads nothing.
-        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation)) if conv.padding == "same" else (0, 0)
+        same = conv.padding == "same"
+        padding = (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2) if same else (0, 0)
     else:
         padding = _pair(conv.padding)
-    sliding = (Sliding(kernel[0], stride[0], padding[0], dilation[0]), Sliding(kernel[1], stride[1], padding[1], dilation[1]))
+    sliding = (
+        Sliding(kernel[0], stride[0], padding[0], dilation[0]),
+        Sliding(kernel[1], stride[1], padding[1], dilation[1]),
+    )
 
     def run_region(region: torch.Tensor) -> torch.Tensor:
         return F.conv2d(region, conv.weight, conv.bias, stride, 0, dilation, conv.groups)
@@ -256,7 +261,10 @@ def _pool_step(node: fx.Node, pool: nn.MaxPool2d | nn.AvgPool2d, value: torch.Te
     stride = _pair(pool.stride or pool.kernel_size)
     padding = _pair(pool.padding)
     dilation = _pair(pool.dilation) if isinstance(pool, nn.MaxPool2d) else (1, 1)
-    sliding = (Sliding(kernel[0], stride[0], padding[0], dilation[0]), Sliding(kernel[1], stride[1], padding[1], dilation[1]))
+    sliding = (
+        Sliding(kernel[0], stride[0], padding[0], dilation[0]),
+        Sliding(kernel[1], stride[1], padding[1], dilation[1]),
+    )
 
     def run_region(region: torch.Tensor) -> torch.Tensor:
         if isinstance(pool, nn.MaxPool2d):
@@ -264,7 +272,14 @@ def _pool_step(node: fx.Node, pool: nn.MaxPool2d | nn.AvgPool2d, value: torch.Te
         # The region holds the padding as zeros, so dividing by the full kernel area matches count_include_pad.
         return F.avg_pool2d(region, kernel, stride, 0, divisor_override=pool.divisor_override)
 
-    return Step(node, "slide", sliding=sliding, pad_value=pad_value, run_region=run_region, macs=value.shape[1] * kernel[0] * kernel[1])
+    return Step(
+        node,
+        "slide",
+        sliding=sliding,
+        pad_value=pad_value,
+        run_region=run_region,
+        macs=value.shape[1] * kernel[0] * kernel[1],
+    )
 
 
 def _check_in_place(graph_module: fx.GraphModule, node: fx.Node, dependent: set[fx.Node]) -> None:
@@ -292,7 +307,9 @@ def _is_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _elementwise_fits(node: fx.Node, inputs: list[fx.Node], values: dict[fx.Node, Any], dependent: set[fx.Node]) -> bool:
+def _elementwise_fits(
+    node: fx.Node, inputs: list[fx.Node], values: dict[fx.Node, Any], dependent: set[fx.Node]
+) -> bool:
     """Return whether an elementwise node can run on windows.
 
     All input-dependent operands must be ``(N, C, H, W)`` maps of the output's shape,

@@ -154,6 +154,8 @@ def pad_map(cache: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], v
     """Pad channels-last maps ``(N, H, W, C)`` around the spatial dimensions with ``value``."""
     if rows == (0, 0) and cols == (0, 0):
         return cache
-    padded = cache.new_full((cache.shape[0], cache.shape[1] + sum(rows), cache.shape[2] + sum(cols), cache.shape[3]), value)
+    padded = cache.new_full(
+        (cache.shape[0], cache.shape[1] + sum(rows), cache.shape[2] + sum(cols), cache.shape[3]), value
+    )
     padded[:, rows[0] : rows[0] + cache.shape[1], cols[0] : cols[0] + cache.shape[2]] = cache
     return padded

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from efmap._graph import Step, Unsupported, analyse, describe
 from efmap._model import OutputFn, read_scores
@@ -45,7 +46,9 @@ logger = logging.getLogger(__name__)
 #: Cost of copying one element, in multiply-adds, for choosing between window and whole-map computation.
 COPY_COST = 16.0
 
-DenseEngine = Callable[[Model, OutputFn | None, torch.Tensor, torch.Tensor, FeatureLayout, int, ProgressType], torch.Tensor]
+DenseEngine = Callable[
+    [Model, OutputFn | None, torch.Tensor, torch.Tensor, FeatureLayout, int, ProgressType], torch.Tensor
+]
 
 
 def incremental_outputs(
@@ -124,6 +127,21 @@ def incremental_outputs(
         from efmap.scoring import _perturbed_outputs
 
         dense = _perturbed_outputs
+    with torch.inference_mode():
+        return _score(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress, strict, dense)
+
+
+def _score(
+    model: Model,
+    output_fn: OutputFn | None,
+    inputs: torch.Tensor,
+    reversed_inputs: torch.Tensor,
+    layout: FeatureLayout,
+    batch_size: int,
+    progress: ProgressType,
+    strict: bool,
+    dense: DenseEngine,
+) -> torch.Tensor:
     count = inputs.shape[0]
     num_features = layout.num_features
     # Enough samples per pass of the clean cache to fill a batch, and no more: the cache holds every layer's output.
@@ -131,7 +149,9 @@ def incremental_outputs(
 
     try:
         engine = _Engine.from_model(model, output_fn, inputs, layout)
-        engine.load(inputs[:samples_per_pass], reversed_inputs[:samples_per_pass], _chunk_index(layout, 0, samples_per_pass))
+        engine.load(
+            inputs[:samples_per_pass], reversed_inputs[:samples_per_pass], _chunk_index(layout, 0, samples_per_pass)
+        )
         groups = engine.plan(num_features)
     except Unsupported as error:
         if strict:
@@ -149,7 +169,7 @@ def incremental_outputs(
     logger.info(
         "Scoring %d features of %d input(s) with the incremental engine: %d perturbations.", num_features, count, total
     )
-    results: torch.Tensor | None = None
+    results = engine.clean_scores.new_empty((total, engine.clean_scores.shape[1]))
     bar = Progress(progress, total, "efmap")
     try:
         for first in range(0, count, samples_per_pass):
@@ -157,8 +177,6 @@ def incremental_outputs(
             if first > 0:
                 engine.load(inputs[first:last], reversed_inputs[first:last], _chunk_index(layout, first, last))
                 groups = engine.plan(num_features)
-            if results is None:
-                results = engine.clean_scores.new_empty((total, engine.clean_scores.shape[1]))
             offset = first * num_features
             for group in groups:
                 for start in range(0, group.size, batch_size):
@@ -171,7 +189,6 @@ def incremental_outputs(
                     bar.advance(stop - start)
     finally:
         bar.close()
-    assert results is not None  # count >= 1, so the loop ran
     return results.reshape(count, num_features, -1)
 
 
@@ -236,6 +253,7 @@ class _Engine:
 
     def __init__(self, graph_module: fx.GraphModule, model: torch.nn.Module, output_fn: OutputFn | None) -> None:
         self.graph_module = graph_module
+        self.modules = dict(graph_module.named_modules())
         self.model = model
         self.output_fn = output_fn
         self.steps: list[Step] = []
@@ -258,6 +276,14 @@ class _Engine:
             raise Unsupported("the model is a TorchScript module, which torch.fx cannot trace")
         if inputs.dim() != 4 or layout.index.dim() != 4:
             raise Unsupported(f"the inputs of shape {tuple(inputs.shape)} are not images (N, C, H, W)")
+        hooked = [
+            name or type(model).__name__
+            for name, module in model.named_modules()
+            if module._forward_hooks or module._forward_pre_hooks  # PyTorch has no public way to list hooks
+        ]
+        if hooked or _global_forward_hooks or _global_forward_pre_hooks:
+            where = f"module '{hooked[0]}'" if hooked else "a global module hook"
+            raise Unsupported(f"{where} has forward hooks, which layers run on windows would skip")
         try:
             graph_module = fx.symbolic_trace(model)
         except Exception as error:  # tracing runs user code, which may raise anything
@@ -325,10 +351,10 @@ class _Engine:
 
     def plan(self, num_features: int) -> list[_Group]:
         """Group the loaded chunk's perturbations by feature box size and choose each group's windows."""
-        batch, height, width = self.index_map.shape[0], self.index_map.shape[1], self.index_map.shape[2]
+        layouts, height, width = self.index_map.shape[:3]
         count = self.clean_scores.shape[0]
         top, bottom, left, right = _feature_boxes(self.index_map, num_features)
-        owner = np.arange(count) if batch > 1 else np.zeros(count, dtype=np.int64)
+        owner = np.arange(count) if layouts > 1 else np.zeros(count, dtype=np.int64)
         boxes = (top[owner].reshape(-1), bottom[owner].reshape(-1), left[owner].reshape(-1), right[owner].reshape(-1))
         sizes = np.stack([boxes[1] - boxes[0] + 1, boxes[3] - boxes[2] + 1], axis=1)
         sizes[sizes[:, 0] <= 0] = 0
@@ -366,10 +392,10 @@ class _Engine:
                     merged = union([windows[arg] for arg in operands], map_height, map_width)
                     windows[node] = merged
                     group.aligned.update((node, arg) for arg in operands if windows[arg].same_as(merged))
-            elif step.kind == "slide" and node.args[0] in windows:
-                window = self._slide_window(step, windows[node.args[0]])
-                if window is not None:
-                    windows[node] = window
+            elif step.kind == "slide" and isinstance(node.args[0], fx.Node) and node.args[0] in windows:
+                sliding_window = self._slide_window(step, windows[node.args[0]])
+                if sliding_window is not None:
+                    windows[node] = sliding_window
         device = self.clean_scores.device
         for node, window in windows.items():
             group.positions[node] = (torch.from_numpy(window.rows).to(device), torch.from_numpy(window.cols).to(device))
@@ -417,7 +443,7 @@ class _Engine:
                 return clean.expand(samples.shape[0], -1, -1, -1)
             return full(arg)
 
-        for step, released in zip(self.steps, self.release):
+        for step, released in zip(self.steps, self.release, strict=True):
             node = step.node
             position = group.positions.get(node)
             window = None if position is None else (position[0][start:stop], position[1][start:stop])
@@ -534,7 +560,7 @@ class _Engine:
         args = fx.node.map_arg(node.args, resolve)
         kwargs = fx.node.map_arg(node.kwargs, resolve)
         if node.op == "call_module":
-            return self.graph_module.get_submodule(str(node.target))(*args, **kwargs)
+            return self.modules[str(node.target)](*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)  # type: ignore[operator]
         if node.op == "call_method":
