@@ -311,6 +311,21 @@ class Branching(nn.Module):
         return self.linear(x.flatten(1))
 
 
+class SharedThroughIdentity(nn.Module):
+    """A net whose in-place activation overwrites, through an identity, a value that the shortcut reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.identity = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(self.relu(self.identity(y)) + y)
+
+
 class SharedInPlace(nn.Module):
     """A net whose in-place activation overwrites a value that the shortcut also reads."""
 
@@ -341,6 +356,7 @@ def test_unsupported_layer_falls_back_and_logs(caplog: pytest.LogCaptureFixture)
         (Upsampling(), "module Upsample at 'up' is not supported"),
         (Branching(), "torch.fx could not trace the model"),
         (SharedInPlace(), "in-place function torch.relu_ overwrites a value that another layer reads"),
+        (SharedThroughIdentity(), "in-place module ReLU at 'relu' overwrites a value that another layer reads"),
         (
             nn.Sequential(
                 nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(), nn.Linear(32, 2)

@@ -83,6 +83,10 @@ _DENSE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d,
 )  # fmt: skip
 
+_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Flatten)
+_ALIAS_METHODS = frozenset({"contiguous", "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "detach"})
+_ALIAS_FUNCTIONS = frozenset({torch.flatten, torch.reshape, F.dropout, F.dropout2d})
+
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 
 
@@ -286,13 +290,27 @@ def _check_in_place(graph_module: fx.GraphModule, node: fx.Node, dependent: set[
     """Reject in-place layers whose overwritten input is also read elsewhere.
 
     The engine keeps every node's clean value apart from the tensors it runs on, so an
-    in-place layer is exact only when nothing else reads the value it overwrites.
+    in-place layer is exact only when nothing else reads the value it overwrites, nor
+    any tensor that shares its memory (the input of an identity, dropout or view).
     """
     if not _is_in_place(graph_module, node):
         return
     target = node.args[0] if node.args else None
-    if not isinstance(target, fx.Node) or target not in dependent or len(target.users) > 1:
-        raise Unsupported(f"in-place {describe(graph_module, node)} overwrites a value that another layer reads")
+    while True:
+        if not isinstance(target, fx.Node) or target not in dependent or len(target.users) > 1:
+            raise Unsupported(f"in-place {describe(graph_module, node)} overwrites a value that another layer reads")
+        if not _is_alias(graph_module, target):
+            return
+        target = target.args[0] if target.args else None
+
+
+def _is_alias(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """Return whether a node's output may share memory with its first argument."""
+    if node.op == "call_module":
+        return type(graph_module.get_submodule(str(node.target))) in _ALIAS_MODULES
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS
+    return node.op == "call_function" and node.target in _ALIAS_FUNCTIONS
 
 
 def _is_in_place(graph_module: fx.GraphModule, node: fx.Node) -> bool:
