@@ -7,8 +7,9 @@ Run from the repository root, for example::
 Both engines score the same features of one random image with the same random
 weights, one after the other (``--repeats`` alternates them and reports medians).
 ``--pixels K`` scores only the first ``K`` pixels in row-major order as single
-features, plus one feature holding all other pixels, so a run fits a busy machine;
-both engines do the same work per feature, so the ratio carries over to the full map.
+features, plus one feature made of all other pixels, so that a run fits a busy machine.
+Both engines do the same work for every single-pixel feature wherever it lies, so the
+ratio carries over to the full map.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def time_engines(
     dtype: torch.dtype = torch.float32,
     repeats: int = 1,
     seed: int = 0,
+    dense_batch_size: int | None = None,
+    dense_channels_last: bool = False,
 ) -> dict[str, Any]:
     """Score the same pixel features with the dense and the incremental engine and compare.
 
@@ -76,23 +79,28 @@ def time_engines(
     size
         Image side in pixels. Default 128.
     pixels
-        Number of leading pixels to score (see :func:`first_pixels_layout`); None scores all.
+        Number of leading pixels to score (see :func:`first_pixels_layout`). None scores all.
     batch_size
         Perturbations per pass, the same for both engines. Default 64.
     threads
-        ``torch.set_num_threads`` during the run, restored afterwards; None keeps the setting.
+        ``torch.set_num_threads`` during the run, restored afterwards. None keeps the setting.
     dtype
         Dtype of the model and image. Default float32.
     repeats
-        Number of alternating runs of each engine; times are medians.
+        Number of alternating runs of each engine. Times are medians.
     seed
         Seed for the weights and the image.
+    dense_batch_size
+        Batch size of the dense engine alone, to time it at its own best setting. Default: ``batch_size``.
+    dense_channels_last
+        Give the dense engine a channels-last image and model, which speeds up CPU convolutions.
 
     Returns
     -------
     dict
         ``dense_s`` and ``incremental_s`` (median seconds), ``ratio`` (dense over incremental),
-        ``max_abs_diff`` (largest absolute difference of the scores), ``features``, ``threads``,
+        ``max_abs_diff`` (largest absolute difference of the scores), ``max_abs_score`` (their scale),
+        ``features``, ``threads``,
         ``batch_size`` and the per-run times ``dense_runs`` and ``incremental_runs``.
     """
     torch.manual_seed(seed)
@@ -102,6 +110,11 @@ def time_engines(
     image = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1).to(dtype)
     flipped = reverse(image, (-1.0, 1.0))
     layout = first_pixels_layout(size, size, pixels)
+    dense_image, dense_flipped = image, flipped
+    if dense_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        dense_image = image.contiguous(memory_format=torch.channels_last)
+        dense_flipped = flipped.contiguous(memory_format=torch.channels_last)
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -110,7 +123,9 @@ def time_engines(
         with torch.inference_mode():
             for _ in range(repeats):
                 start = time.perf_counter()
-                dense = _perturbed_outputs(model, None, image, flipped, layout, batch_size, False)
+                dense = _perturbed_outputs(
+                    model, None, dense_image, dense_flipped, layout, dense_batch_size or batch_size, False
+                )
                 dense_runs.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 fast = incremental_outputs(model, None, image, flipped, layout, batch_size, False, strict=True)
@@ -123,9 +138,12 @@ def time_engines(
         "incremental_s": incremental_s,
         "ratio": dense_s / incremental_s,
         "max_abs_diff": float((dense - fast).abs().max()),
+        "max_abs_score": float(dense.abs().max()),
         "features": layout.num_features,
         "threads": torch.get_num_threads() if threads is None else threads,
         "batch_size": batch_size,
+        "dense_batch_size": dense_batch_size or batch_size,
+        "dense_channels_last": dense_channels_last,
         "dense_runs": dense_runs,
         "incremental_runs": incremental_runs,
     }
@@ -137,10 +155,12 @@ def main() -> None:
         "--model", choices=["age-resnet", "vgg"], default="age-resnet", help="network with random weights"
     )
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    parser.add_argument("--pixels", type=int, default=2048, help="leading pixels scored; 0 scores all (default 2048)")
+    parser.add_argument("--pixels", type=int, default=2048, help="leading pixels scored, 0 for all (default 2048)")
     parser.add_argument("--batch-size", type=int, default=64, help="perturbations per pass (default 64)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 keeps torch's default (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, 0 for torch's default (default 1)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per engine (default 1)")
+    parser.add_argument("--dense-batch-size", type=int, default=0, help="dense engine's own batch size (default: same)")
+    parser.add_argument("--dense-channels-last", action="store_true", help="run the dense engine channels-last")
     args = parser.parse_args()
     model = vgg_style() if args.model == "vgg" else None
     result = time_engines(
@@ -150,11 +170,15 @@ def main() -> None:
         batch_size=args.batch_size,
         threads=args.threads or None,
         repeats=args.repeats,
+        dense_batch_size=args.dense_batch_size or None,
+        dense_channels_last=args.dense_channels_last,
     )
     print(
-        f"{args.model} {args.size}x{args.size}, {result['features']} features, batch {result['batch_size']}, "
+        f"{args.model} {args.size}x{args.size}, {result['features']} features, batch {result['batch_size']} "
+        f"(dense {result['dense_batch_size']}{', channels-last' if args.dense_channels_last else ''}), "
         f"{result['threads']} thread(s): dense {result['dense_s']:.2f} s, incremental {result['incremental_s']:.2f} s, "
-        f"ratio {result['ratio']:.2f}, largest difference {result['max_abs_diff']:.3g}"
+        f"ratio {result['ratio']:.2f}, largest difference {result['max_abs_diff']:.3g} "
+        f"(scores up to {result['max_abs_score']:.3g})"
     )
 
 

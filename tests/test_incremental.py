@@ -25,7 +25,7 @@ def _one_thread() -> object:
     torch.set_num_threads(threads)
 
 
-# Float64 maps of the two engines agree to rounding; the bound leaves room for sums taken in another order.
+# Float64 maps of the two engines agree to rounding. The bound leaves room for sums taken in another order.
 TOLERANCE = {"rtol": 1e-9, "atol": 1e-10}
 
 
@@ -175,7 +175,7 @@ def conv_nets(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), inputs
 
 
-# PyTorch warns that "same" padding with an even kernel copies the input; that is the dense engine's cost, not an error.
+# PyTorch warns that "same" padding with an even kernel copies the input. That costs time only, so it is not an error.
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_nets())
@@ -207,7 +207,7 @@ def test_age_resnet_float32_matches_dense() -> None:
 
 
 def test_age_resnet_runs_early_layers_on_windows() -> None:
-    """The stem and first stage run on windows; the last stage, where a pixel reaches everything, runs whole."""
+    """The stem and first stage run on windows, and the last stage, which a pixel fully reaches, on whole maps."""
     model = _age_resnet(32)
     inputs = _images(1, 3, 32, seed=3)
     engine = _Engine.from_model(model, None, inputs, pixel_layout(32, 32, 3))
@@ -366,7 +366,7 @@ def test_unsupported_layer_falls_back_and_logs(caplog: pytest.LogCaptureFixture)
     ],
 )
 def test_incremental_engine_rejects_unsupported(model: nn.Module, message: str) -> None:
-    """engine='incremental' raises a ValueError that names what is not supported; engine='auto' still works."""
+    """engine='incremental' raises a ValueError naming what is not supported, and engine='auto' still works."""
     model = model.double().eval()
     inputs = _images(1, 3, 6, seed=11)
     with pytest.raises(ValueError, match=f"Expected a model that the incremental engine supports, but {message}"):

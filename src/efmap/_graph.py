@@ -1,6 +1,6 @@
 """Reading a traced model for incremental inference: which node is which kind of layer.
 
-Every node that depends on the input is sorted into one kind that says how the
+Every node that depends on the input is sorted into one kind, which sets how the
 incremental engine may run it. A node that fits no kind makes the whole model
 unsupported, so the engine never guesses what an operation does.
 """
@@ -22,7 +22,7 @@ from efmap._windows import Sliding
 
 
 class Unsupported(Exception):
-    """Raised when the incremental engine cannot run a model exactly; the message names the cause."""
+    """Raised when the incremental engine cannot run a model exactly. The message names the cause."""
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,15 @@ class Step:
     node
         The graph node.
     kind
-        ``"input"`` (the image batch), ``"elementwise"`` (each output element depends only on the
-        elements at the same position of its inputs), ``"slide"`` (a convolution or pooling
-        layer), ``"mean"`` (a global spatial mean), ``"shape"`` (a question about shape or
-        type), ``"python"`` (arithmetic on shapes), ``"dense"`` (any other layer that treats
-        every sample alone; it runs on whole maps) or ``"output"``.
+        One of ``"input"`` (the image batch), ``"elementwise"`` (each output element depends
+        only on the elements at the same position of its inputs), ``"slide"`` (a convolution
+        or pooling layer), ``"mean"`` (a global spatial mean), ``"shape"`` (a query of shape or
+        type), ``"python"`` (arithmetic on shapes) and ``"output"``. The kind ``"dense"`` is
+        any other layer that treats every sample on its own, and it runs on whole maps.
     sliding
         Row and column geometry of a ``"slide"`` step.
     pad_value
-        Value that a ``"slide"`` step's padding holds: 0 for convolution and average pooling,
+        Value of a ``"slide"`` step's padding: 0 for convolution and average pooling,
         minus infinity for max pooling.
     run_region
         For a ``"slide"`` step: the layer without padding, applied to an input region.
@@ -93,8 +93,8 @@ _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 def analyse(graph_module: fx.GraphModule, values: dict[fx.Node, Any]) -> list[Step]:
     """Sort every input-dependent node of ``graph_module`` into a :class:`Step`.
 
-    ``values`` holds every node's value on a clean batch; it is read for shapes and
-    dimensions. Nodes that do not depend on the input are left
+    ``values`` contains every node's value on a clean batch, which is read for shapes
+    and dimensions. Nodes that do not depend on the input are left
     out: their clean value is reused for every perturbation.
 
     Raises
@@ -164,6 +164,7 @@ def _classify_module(graph_module: fx.GraphModule, node: fx.Node, value: Any) ->
     module = graph_module.get_submodule(str(node.target))
     if module.training:
         raise Unsupported(f"{describe(graph_module, node)} is in training mode")
+
     # Exact types: torch.nn subclasses such as quantisation-aware convolutions change what forward computes.
     kind = type(module)
     if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
@@ -174,6 +175,7 @@ def _classify_module(graph_module: fx.GraphModule, node: fx.Node, value: Any) ->
         return Step(node, "elementwise")
     if kind in _ELEMENTWISE_MODULES:
         return Step(node, "elementwise")
+
     spatial = isinstance(value, torch.Tensor) and value.dim() == 4
     if spatial and isinstance(module, nn.Conv2d) and kind is nn.Conv2d and module.padding_mode == "zeros":
         return _conv_step(node, module, value)
@@ -185,6 +187,7 @@ def _classify_module(graph_module: fx.GraphModule, node: fx.Node, value: Any) ->
     if spatial and isinstance(module, nn.AdaptiveAvgPool2d) and kind is nn.AdaptiveAvgPool2d:
         if _pair(module.output_size) == (1, 1):
             return Step(node, "mean")
+
     if isinstance(module, nn.Flatten) and kind is nn.Flatten:
         return Step(node, "dense") if _normal_dim(module.start_dim, value) >= 1 else None
     if isinstance(module, (nn.Softmax, nn.LogSoftmax)) and kind in (nn.Softmax, nn.LogSoftmax):
@@ -243,7 +246,7 @@ def _conv_step(node: fx.Node, conv: nn.Conv2d, value: torch.Tensor) -> Step:
     stride = _pair(conv.stride)
     dilation = _pair(conv.dilation)
     if isinstance(conv.padding, str):
-        # "same" pads (dilation * (kernel - 1)) // 2 before and the rest after; "valid" pads nothing.
+        # "same" pads (dilation * (kernel - 1)) // 2 before and the rest after, and "valid" pads nothing.
         same = conv.padding == "same"
         padding = (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2) if same else (0, 0)
     else:
@@ -273,7 +276,7 @@ def _pool_step(node: fx.Node, pool: nn.MaxPool2d | nn.AvgPool2d, value: torch.Te
     def run_region(region: torch.Tensor) -> torch.Tensor:
         if isinstance(pool, nn.MaxPool2d):
             return F.max_pool2d(region, kernel, stride, 0, dilation)
-        # The region holds the padding as zeros, so dividing by the full kernel area matches count_include_pad.
+        # The region contains the padding as zeros, so dividing by the kernel area matches count_include_pad.
         return F.avg_pool2d(region, kernel, stride, 0, divisor_override=pool.divisor_override)
 
     return Step(
@@ -289,9 +292,9 @@ def _pool_step(node: fx.Node, pool: nn.MaxPool2d | nn.AvgPool2d, value: torch.Te
 def _check_in_place(graph_module: fx.GraphModule, node: fx.Node, dependent: set[fx.Node]) -> None:
     """Reject in-place layers whose overwritten input is also read elsewhere.
 
-    The engine keeps every node's clean value apart from the tensors it runs on, so an
-    in-place layer is exact only when nothing else reads the value it overwrites, nor
-    any tensor that shares its memory (the input of an identity, dropout or view).
+    The engine keeps every node's clean value apart from the tensors it runs on. An
+    in-place layer is therefore exact only when nothing else reads the value it overwrites
+    or a tensor that shares its memory, such as the input of an identity, dropout or view.
     """
     if not _is_in_place(graph_module, node):
         return
@@ -330,9 +333,9 @@ def _elementwise_fits(
 ) -> bool:
     """Return whether an elementwise node can run on windows.
 
-    All input-dependent operands must be ``(N, C, H, W)`` maps of the output's shape,
-    and every constant tensor must be the same at every position (a scalar or a
-    per-channel vector), so that a window of the output needs only windows of the inputs.
+    All input-dependent operands must be ``(N, C, H, W)`` maps of the output's shape.
+    Every constant tensor must be the same at every position (a scalar or a per-channel
+    vector). Then a window of the output needs only windows of the inputs.
     """
     output = values[node]
     if not isinstance(output, torch.Tensor) or output.dim() != 4:

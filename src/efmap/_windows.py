@@ -47,7 +47,7 @@ class Sliding:
 
     kernel: int
     stride: int
-    padding: int  # padding before the first element; the end may be padded differently
+    padding: int  # Padding before the first element. The end may be padded differently.
     dilation: int
 
     @property
@@ -61,7 +61,7 @@ class Sliding:
         Output ``o`` reads inputs ``o * stride - padding + j * dilation`` for ``j < kernel``,
         so it can change only if ``o`` lies in
         ``[ceil((start + padding - span) / stride), floor((start + size - 1 + padding) / stride)]``.
-        That range holds at most ``(size - 1 + span) // stride + 1`` outputs whatever the
+        That range contains at most ``(size - 1 + span) // stride + 1`` outputs whatever the
         alignment, which gives one window size for all perturbations. Windows that would
         cross the map border are shifted inside it.
         """
@@ -105,7 +105,7 @@ def gather(
     samples, rows, cols
         Sample, top row and left column of each window, int64, shape ``(B,)``.
     height, width
-        Window size; every window must lie inside the map.
+        Window size. Every window must lie inside the map.
 
     Returns
     -------

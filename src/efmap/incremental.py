@@ -84,7 +84,7 @@ def incremental_outputs(
     reversed_inputs
         The reversed images, same shape.
     layout
-        Features of the images; ``layout.index`` has shape ``(1 or N, 1 or C, H or 1, W or 1)``.
+        Features of the images. ``layout.index`` has shape ``(1 or N, 1 or C, H or 1, W or 1)``.
     batch_size
         Number of perturbations recomputed together.
     progress
@@ -104,7 +104,7 @@ def incremental_outputs(
     Raises
     ------
     ValueError
-        With ``strict=True``, if the model or its inputs are not supported; the message
+        With ``strict=True``, if the model or its inputs are not supported. The message
         names the layer.
 
     Notes
@@ -144,7 +144,7 @@ def _score(
 ) -> torch.Tensor:
     count = inputs.shape[0]
     num_features = layout.num_features
-    # Enough samples per pass of the clean cache to fill a batch, and no more: the cache holds every layer's output.
+    # Cache only enough samples to fill a batch, because the cache contains every layer's output.
     samples_per_pass = max(1, -(-batch_size // num_features))
 
     try:
@@ -159,10 +159,10 @@ def _score(
                 f"Expected a model that the incremental engine supports, but {error}. "
                 "Use engine='auto' to fall back to the dense engine, or engine='dense'."
             ) from None
-        logger.info("The incremental engine does not support this model (%s); using the dense engine.", error)
+        logger.info("The incremental engine does not support this model, so the dense engine runs it: %s.", error)
         return dense(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
     if not strict and not any(group.windowed for group in groups):
-        logger.info("No layer of this model would run on windows for these features; using the dense engine.")
+        logger.info("No layer of this model would run on windows for these features, so the dense engine runs it.")
         return dense(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
 
     total = count * num_features
@@ -207,7 +207,7 @@ class _Group:
     samples, features
         Sample (within the chunk) and feature of each perturbation, shape ``(P,)``.
     windows
-        Window of every node computed on windows; nodes left out run on whole maps.
+        Window of every node computed on windows. Nodes left out run on whole maps.
     positions
         The same windows' rows and columns as tensors on the model's device.
     aligned
@@ -239,7 +239,7 @@ class _Group:
 class _Window:
     """The changed window of one node's output for a batch of perturbations.
 
-    ``data`` has shape ``(B, C, h, w)``; ``rows`` and ``cols`` give each window's top left
+    ``data`` has shape ``(B, C, h, w)``, and ``rows`` and ``cols`` give each window's top left
     position in the node's map. Outside the window the output equals the clean output.
     """
 
@@ -418,7 +418,7 @@ class _Engine:
         return Geometry(rows, cols, height, width)
 
     def run_batch(self, group: _Group, start: int, stop: int) -> torch.Tensor:
-        """Score perturbations ``start .. stop - 1`` of ``group``; returns class scores ``(B, K)``."""
+        """Score perturbations ``start .. stop - 1`` of ``group`` and return their class scores ``(B, K)``."""
         samples = group.samples[start:stop]
         values: dict[fx.Node, Any] = {}
         fulls: dict[fx.Node, torch.Tensor] = {}
@@ -577,7 +577,7 @@ def _feature_boxes(index_map: torch.Tensor, num_features: int) -> tuple[np.ndarr
     """Return the bounding box of every feature in every index map.
 
     ``index_map`` has shape ``(M, H, W, c)``. Returns ``top``, ``bottom``, ``left`` and
-    ``right`` (inclusive), int64, shape ``(M, F)``; a feature absent from a map gets
+    ``right`` (inclusive), int64, shape ``(M, F)``. A feature absent from a map gets
     ``top > bottom``.
     """
     count, height, width, channels = index_map.shape
@@ -594,7 +594,7 @@ def _feature_boxes(index_map: torch.Tensor, num_features: int) -> tuple[np.ndarr
 
 
 def _split_by(sizes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Split row indices of ``sizes`` ``(P, 2)`` by equal rows; returns ``(size, members)`` pairs."""
+    """Split the row indices of ``sizes`` ``(P, 2)`` into ``(size, members)`` pairs of equal rows."""
     unique, inverse = np.unique(sizes, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")
