@@ -44,6 +44,7 @@ __all__ = ["incremental_outputs"]
 logger = logging.getLogger(__name__)
 
 #: Cost of copying one element, in multiply-adds, for choosing between window and whole-map computation.
+# NOTE: an estimate for CPUs, not measured per machine. A poor value costs speed only, never exactness.
 COPY_COST = 16.0
 
 DenseEngine = Callable[
@@ -142,6 +143,7 @@ def _score(
     strict: bool,
     dense: DenseEngine,
 ) -> torch.Tensor:
+    # NOTE: only run on CPU so far. The CUDA path uses the same tensor operations but has not been tested.
     count = inputs.shape[0]
     num_features = layout.num_features
     # Cache only enough samples to fill a batch, because the cache contains every layer's output.
