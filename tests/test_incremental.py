@@ -387,6 +387,33 @@ def test_hooked_module_rejected() -> None:
         handle.remove()
 
 
+class Recording(nn.Module):
+    """A net whose forward keeps Python state: it records every batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _age_resnet(8)
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.body(x)
+
+
+def test_stateful_forward_runs_dense() -> None:
+    """A forward with Python side effects runs on the dense engine, and tracing leaves the model's state alone."""
+    model = Recording().eval()
+    efmap.explain(model, _images(1, 3, 8, seed=16), batch_size=16)
+    assert all(isinstance(size, int) for size in model.batches)
+    assert sum(model.batches) == 1 + 1 + 64  # the clean pass, its repetition and one pass per pixel
+
+
+def test_stateful_forward_rejected() -> None:
+    """engine='incremental' names the attribute that forward changes."""
+    with pytest.raises(ValueError, match="forward changes the attribute 'batches' of module 'Recording'"):
+        efmap.explain(Recording().eval(), _images(1, 3, 8, seed=16), engine="incremental")
+
+
 def test_plain_function_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     """A model that is a plain function runs on the dense engine, and engine='incremental' rejects it."""
     linear = nn.Linear(16, 2).double().eval()

@@ -22,6 +22,7 @@ SIGMOD 2019 (only the exact part).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ def incremental_outputs(
     *,
     strict: bool = False,
     dense: DenseEngine | None = None,
+    clean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every (input, feature) perturbation, recomputing only what each one changes.
 
@@ -96,6 +98,9 @@ def incremental_outputs(
     dense
         The engine to fall back to, with the same arguments. Default: the dense engine of
         :mod:`efmap.scoring`.
+    clean
+        Class scores of the clean inputs ``(N, K)``, if known, to check the traced graph against.
+        Default: the engine runs the model once on the first inputs.
 
     Returns
     -------
@@ -129,7 +134,7 @@ def incremental_outputs(
 
         dense = _perturbed_outputs
     with torch.inference_mode():
-        return _score(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress, strict, dense)
+        return _score(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress, strict, dense, clean)
 
 
 def _score(
@@ -142,6 +147,7 @@ def _score(
     progress: ProgressType,
     strict: bool,
     dense: DenseEngine,
+    clean: torch.Tensor | None,
 ) -> torch.Tensor:
     # NOTE: only run on CPU so far. The CUDA path uses the same tensor operations but has not been tested.
     count = inputs.shape[0]
@@ -151,8 +157,12 @@ def _score(
 
     try:
         engine = _Engine.from_model(model, output_fn, inputs, layout)
+        first_clean = None if clean is None else clean[:samples_per_pass]
         engine.load(
-            inputs[:samples_per_pass], reversed_inputs[:samples_per_pass], _chunk_index(layout, 0, samples_per_pass)
+            inputs[:samples_per_pass],
+            reversed_inputs[:samples_per_pass],
+            _chunk_index(layout, 0, samples_per_pass),
+            first_clean,
         )
         groups = engine.plan(num_features)
     except Unsupported as error:
@@ -286,17 +296,38 @@ class _Engine:
         if hooked or _global_forward_hooks or _global_forward_pre_hooks:
             where = f"module '{hooked[0]}'" if hooked else "a global module hook"
             raise Unsupported(f"{where} has forward hooks, which layers run on windows would skip")
+        # Tracing runs forward with proxy objects, and a forward with side effects (such as appending to a
+        # list) would leave them in the model. A copy that shares the parameters and buffers keeps them away.
+        shared: dict[int, Any] = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
         try:
-            graph_module = fx.symbolic_trace(model)
+            copy_of_model = copy.deepcopy(model, shared)
+        except Exception as error:  # deepcopy runs user code (__deepcopy__, __reduce__), which may raise anything
+            raise Unsupported(f"the model could not be copied for tracing ({type(error).__name__}: {error})") from None
+        before = _attributes(copy_of_model)
+        try:
+            graph_module = fx.symbolic_trace(copy_of_model)
         except Exception as error:  # tracing runs user code, which may raise anything
             raise Unsupported(f"torch.fx could not trace the model ({type(error).__name__}: {error})") from None
+        changed = _changed_attribute(before, _attributes(copy_of_model))
+        if changed is not None:
+            # A traced graph replays only tensor operations, so a forward that keeps Python state cannot be replayed.
+            module_name, attribute = changed
+            raise Unsupported(
+                f"forward changes the attribute '{attribute}' of module '{module_name or type(model).__name__}'"
+            )
         return cls(graph_module, model, output_fn)
 
-    def load(self, inputs: torch.Tensor, reversed_inputs: torch.Tensor, index: torch.Tensor) -> None:
+    def load(
+        self,
+        inputs: torch.Tensor,
+        reversed_inputs: torch.Tensor,
+        index: torch.Tensor,
+        clean: torch.Tensor | None = None,
+    ) -> None:
         """Run the clean ``inputs`` through the graph and keep every node's output.
 
         On the first call the graph is also sorted into steps and checked against the
-        model's own output.
+        model's own output: ``clean`` if given, else the output of one model call.
         """
         self.maps.clear()
         self.others.clear()
@@ -305,7 +336,7 @@ class _Engine:
         if not self.steps:
             self.steps = analyse(self.graph_module, values)
             self._plan_release()
-            self._check_trace(inputs, values)
+            self._check_trace(inputs, values, clean)
         output = next(node for node in self.graph_module.graph.nodes if node.op == "output")
         self.clean_scores = read_scores(values[output], self.output_fn, inputs.shape[0], check=False)
         height, width = inputs.shape[2:]
@@ -335,12 +366,16 @@ class _Engine:
                 self.others[node] = value
         return values
 
-    def _check_trace(self, inputs: torch.Tensor, values: dict[fx.Node, Any]) -> None:
+    def _check_trace(self, inputs: torch.Tensor, values: dict[fx.Node, Any], clean: torch.Tensor | None) -> None:
         output = next(node for node in self.graph_module.graph.nodes if node.op == "output")
         traced = read_scores(values[output], self.output_fn, inputs.shape[0], check=False)
-        direct = read_scores(self.model(inputs), self.output_fn, inputs.shape[0], check=False)
-        difference = float((traced - direct).abs().max()) if traced.shape == direct.shape else float("inf")
-        if difference > 16 * torch.finfo(traced.dtype).eps * (float(direct.abs().max()) + 1.0):
+        if clean is None:
+            clean = read_scores(self.model(inputs), self.output_fn, inputs.shape[0], check=False)
+        difference = float((traced - clean).abs().max()) if traced.shape == clean.shape else float("inf")
+        # The bound allows for rounding differences between batch sizes. A graph traced down a different branch
+        # than the model takes is expected to differ by far more.
+        tolerance = (1e-5 + 64 * torch.finfo(traced.dtype).eps) * (float(clean.abs().max()) + 1.0)
+        if difference > tolerance:
             raise Unsupported(f"the traced graph does not reproduce the model's output (difference {difference:.3g})")
 
     def _plan_release(self) -> None:
@@ -611,3 +646,38 @@ def _channels_last(value: torch.Tensor) -> torch.Tensor:
 
 def _channels_last_view(value: torch.Tensor) -> torch.Tensor:
     return value.permute(0, 2, 3, 1)
+
+
+# Attributes that every nn.Module has; the rest are the model's own Python state.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
+
+
+def _attributes(model: torch.nn.Module) -> dict[tuple[str, str], Any]:
+    """Copy every module's own Python attributes (not tensors or submodules), keyed by module and name."""
+    state: dict[tuple[str, str], Any] = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key in _MODULE_INTERNALS or isinstance(value, (torch.Tensor, torch.nn.Module)):
+                continue
+            try:
+                state[(name, key)] = copy.deepcopy(value)
+            except Exception:  # an attribute that cannot be copied is compared as it is
+                state[(name, key)] = value
+    return state
+
+
+def _changed_attribute(before: dict[tuple[str, str], Any], after: dict[tuple[str, str], Any]) -> tuple[str, str] | None:
+    """Return the first attribute that differs between two :func:`_attributes` copies, or None."""
+    for key in (*before, *after):
+        if key not in before or key not in after:
+            return key
+        old, new = before[key], after[key]
+        if old is new:
+            continue
+        try:
+            same = bool(np.array_equal(old, new)) if isinstance(old, np.ndarray) else bool(old == new)
+        except Exception:  # a value that cannot be compared, for example one holding a tracing proxy, counts as changed
+            return key
+        if not same:
+            return key
+    return None

@@ -201,7 +201,7 @@ def explain(
         else:
             outputs = incremental_outputs(
                 model, output_fn, inputs, reversed_inputs, layout, batch_size, progress,
-                strict=engine == "incremental", dense=_perturbed_outputs,
+                strict=engine == "incremental", dense=_perturbed_outputs, clean=clean,
             )  # fmt: skip
 
     if score == "max":
