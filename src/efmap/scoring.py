@@ -138,7 +138,7 @@ def explain(
         passed for ``[-1, 1]``). Values outside the range are always rejected.
     engine
         ``"dense"`` runs the whole model on every perturbed copy. ``"incremental"`` recomputes
-        only the part of each layer that a feature can change (see :mod:`efmap.incremental`)
+        only the part of each layer that a feature can change (see ``efmap.incremental``)
         and gives the same maps up to rounding. ``"auto"``, the default, uses the incremental
         engine where the model supports it and the dense engine otherwise.
 
