@@ -3,9 +3,9 @@
 Reversing one pixel of an image changes only a small window of each early
 layer's output. The incremental engine runs the clean input once and keeps
 every layer's output. For each perturbed feature it then recomputes, layer by
-layer, only the window of the output that the change can reach: it reads the
-layer's input around the window from the clean cache, pastes the recomputed
-window of the input into it, and runs the layer without padding on that region,
+layer, only the window of the output that the change can reach. It reads the
+layer's input around the window from the clean cache and pastes the recomputed
+window of the input into it. The layer then runs without padding on that region,
 so the values at the window's border are exact. Once a window covers so much of
 a layer's output that recomputing it costs more than the whole layer, the
 remaining layers run on whole maps.
