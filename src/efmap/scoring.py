@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from efmap._progress import Progress
 from efmap._typing import Model, ProgressType, ScoreMode, TargetType, ValueRange
 from efmap._warnings import EfmapWarning
 from efmap.features import FeatureLayout, mask_layout, patch_layout, perturb_chunk, pixel_layout
+from efmap.incremental import incremental_outputs
 from efmap.reversal import reverse
 
 __all__ = ["Explanation", "explain"]
@@ -102,6 +103,7 @@ def explain(
     output_fn: OutputFn | None = None,
     progress: ProgressType = False,
     check_range: bool = True,
+    engine: Literal["auto", "dense", "incremental"] = "auto",
 ) -> Explanation:
     """Score every feature of every input by reversing it and reading the model's output.
 
@@ -134,6 +136,11 @@ def explain(
     check_range
         Reject inputs that use only the upper half of ``value_range`` (inputs in ``[0, 1]``
         passed for ``[-1, 1]``). Values outside the range are always rejected.
+    engine
+        ``"dense"`` runs the whole model on every perturbed copy. ``"incremental"`` recomputes
+        only the part of each layer that a feature can change (see ``efmap.incremental``)
+        and gives the same maps up to rounding. ``"auto"``, the default, uses the incremental
+        engine where the model supports it and the dense engine otherwise.
 
     Returns
     -------
@@ -147,6 +154,7 @@ def explain(
     ValueError
         If the inputs contain NaN or infinity, lie outside ``value_range``, have an unsupported
         shape, if ``target`` does not match the inputs or classes, or if an option is invalid.
+        Also with ``engine="incremental"`` for a model that the incremental engine does not support.
 
     Notes
     -----
@@ -169,6 +177,8 @@ def explain(
             "`target` is only read with score='target'; with score='max' the new maximum over all classes is "
             "compared with the clean maximum. Pass score='target' to explain a given class."
         )
+    if engine not in ("auto", "dense", "incremental"):
+        raise ValueError(f"Expected `engine` to be 'auto', 'dense' or 'incremental', but got {engine!r}.")
     batch_size = check_batch_size(batch_size)
     lo_hi = check_value_range(value_range)
     inputs = _as_tensor(inputs)
@@ -186,7 +196,13 @@ def explain(
         targets = _resolve_target(target, clean)
         old = clean.max(dim=1).values if score == "max" else clean.gather(1, targets[:, None])[:, 0]
         reversed_inputs = reverse(inputs, lo_hi)
-        outputs = _perturbed_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
+        if engine == "dense":
+            outputs = _perturbed_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
+        else:
+            outputs = incremental_outputs(
+                model, output_fn, inputs, reversed_inputs, layout, batch_size, progress,
+                strict=engine == "incremental", dense=_perturbed_outputs, clean=clean,
+            )  # fmt: skip
 
     if score == "max":
         new = outputs.max(dim=2).values
