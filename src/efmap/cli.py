@@ -235,7 +235,40 @@ def _add_landmarks(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``efmap`` command line and return its exit code."""
+    """Run the ``efmap`` command line and return its exit code.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name. Default: ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success. 1 when the command fails, after printing a one-line error to stderr.
+
+    Raises
+    ------
+    SystemExit
+        With code 2 on a usage error, and with code 0 after ``--help`` or ``--version``.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from efmap import HeatMapAccumulator
+    >>> from efmap.cli import main
+    >>> accumulator = HeatMapAccumulator()
+    >>> accumulator.update(torch.arange(16.0).reshape(1, 4, 4), labels=[0])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     state = Path(folder) / "state.pt"
+    ...     torch.save(accumulator.state_dict(), state)
+    ...     main(["landmarks", str(state), "--out", folder, "--keep-fraction", "0.25"])  # doctest: +ELLIPSIS
+    ...     main(["landmarks", str(Path(folder) / "missing.pt"), "--out", folder, "--threshold", "0.5"])
+    Kept 4 of 16 features (25.00%); mask in ...
+    0
+    1
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_usage(args, args.parser)

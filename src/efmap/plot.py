@@ -68,6 +68,18 @@ def overlay(
     -------
     matplotlib.axes.Axes
         The axes drawn into.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> import torch
+    >>> from efmap.plot import overlay
+    >>> ax = overlay(torch.zeros(1, 4, 4), torch.rand(4, 4), title="image 0")
+    >>> len(ax.images), ax.get_title()
+    (2, 'image 0')
+    >>> plt.close(ax.figure)
     """
     plt = _pyplot()
     pixels = _image_array(image, value_range)
@@ -121,6 +133,19 @@ def plot_grid(
     -------
     matplotlib.figure.Figure
         The figure.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> import torch
+    >>> from efmap.plot import plot_grid
+    >>> images, maps = torch.zeros(2, 1, 4, 4), torch.rand(2, 4, 4)
+    >>> fig = plot_grid(images, maps, overall=maps.mean(dim=0), class_maps={0: maps[0]}, class_names=["minor"])
+    >>> [ax.get_title() for ax in fig.axes if ax.images]
+    ['overall', 'class minor', 'image 0', 'image 1']
+    >>> plt.close(fig)
     """
     plt = _pyplot()
     if images.shape[0] != maps.shape[0]:

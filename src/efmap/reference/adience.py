@@ -215,7 +215,14 @@ def _check_folds(folds: Iterable[int]) -> tuple[int, ...]:
 
 
 def fold_file_name(fold: int) -> str:
-    """Return the file name of fold ``fold``, for example ``fold_0_data.txt``."""
+    """Return the file name of fold ``fold``, for example ``fold_0_data.txt``.
+
+    Examples
+    --------
+    >>> from efmap.reference.adience import fold_file_name
+    >>> fold_file_name(3)
+    'fold_3_data.txt'
+    """
     return f"fold_{fold}_data.txt"
 
 
@@ -245,6 +252,18 @@ def find_root(path: str | Path, *, crop: Crop = "aligned", folds: Iterable[int] 
     FileNotFoundError
         If ``path`` does not exist, or neither it nor a folder inside it contains the
         fold files and the image folder; the message lists what is missing.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from efmap.reference.adience import find_root
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     inner = Path(folder) / "AdienceBenchmark"
+    ...     (inner / "aligned").mkdir(parents=True)
+    ...     (inner / "fold_0_data.txt").touch()
+    ...     find_root(folder, folds=[0]).name
+    'AdienceBenchmark'
     """
     crop = _check_crop(crop)
     chosen = _check_folds(folds)
@@ -274,7 +293,7 @@ def _missing_parts(folder: Path, crop: Crop, folds: tuple[int, ...]) -> list[str
 
 
 def read_fold_file(path: str | Path, fold: int) -> list[AdienceRecord]:
-    """Parse one fold file strictly: UTF-8, a header row, 12 tab-separated columns per row.
+    r"""Parse one fold file strictly: UTF-8, a header row, 12 tab-separated columns per row.
 
     Empty lines are skipped. Nothing in the file is evaluated as code.
 
@@ -296,6 +315,19 @@ def read_fold_file(path: str | Path, fold: int) -> list[AdienceRecord]:
         If the file is not UTF-8, the header differs from :data:`FOLD_COLUMNS`, a row does
         not have 12 columns, a number, gender or age label is invalid, or a name contains a
         path separator. The message names the file and line.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from efmap.reference.adience import FOLD_COLUMNS, read_fold_file
+    >>> row = ["u1", "a.jpg", "3", "(25, 32)", "f", "0", "0", "10", "10", "0", "0", "1"]
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "fold_0_data.txt"
+    ...     _ = path.write_text("\t".join(FOLD_COLUMNS) + "\n" + "\t".join(row) + "\n", encoding="utf-8")
+    ...     [record] = read_fold_file(path, fold=0)
+    >>> record.face_id, record.group, record.line, record.image_path()
+    (3, 1, 2, 'aligned/u1/landmark_aligned_face.3.a.jpg')
     """
     path = Path(path)
     try:
@@ -354,7 +386,7 @@ def _parse_number(name: str, value: str) -> float:
 
 
 def read_folds(root: str | Path, folds: Iterable[int] = range(NUM_FOLDS)) -> list[AdienceRecord]:
-    """Read the fold files of a data root and log how many rows fall in each age group.
+    r"""Read the fold files of a data root and log how many rows fall in each age group.
 
     Parameters
     ----------
@@ -374,6 +406,20 @@ def read_folds(root: str | Path, folds: Iterable[int] = range(NUM_FOLDS)) -> lis
         If a fold file is missing.
     ValueError
         If a fold file is invalid (see :func:`read_fold_file`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from efmap.reference.adience import FOLD_COLUMNS, read_folds
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for fold, age in [(0, "(0, 2)"), (1, "(60, 100)")]:
+    ...         row = ["u1", "a.jpg", str(fold), age, "m"] + ["0"] * 7
+    ...         text = "\t".join(FOLD_COLUMNS) + "\n" + "\t".join(row) + "\n"
+    ...         _ = (Path(folder) / f"fold_{fold}_data.txt").write_text(text, encoding="utf-8")
+    ...     records = read_folds(folder, folds=[0, 1])
+    >>> [(record.fold, record.group) for record in records]
+    [(0, 0), (1, 2)]
     """
     records: list[AdienceRecord] = []
     for fold in _check_folds(folds):
@@ -393,7 +439,16 @@ def read_folds(root: str | Path, folds: Iterable[int] = range(NUM_FOLDS)) -> lis
 
 
 def count_groups(records: Iterable[AdienceRecord]) -> dict[str, int]:
-    """Count records per age group name, plus ``"dropped"`` for labels that fit no group."""
+    """Count records per age group name, plus ``"dropped"`` for labels that fit no group.
+
+    Examples
+    --------
+    >>> from efmap.reference.adience import AdienceRecord, count_groups
+    >>> ages = ["(0, 2)", "(25, 32)", "35", "(60, 100)", "None"]
+    >>> records = [AdienceRecord("u", "a.jpg", 0, age, "f", *[0.0] * 7, fold=0, line=2) for age in ages]
+    >>> count_groups(records)
+    {'minor': 1, 'adult': 2, 'old': 1, 'dropped': 1}
+    """
     counts = dict.fromkeys((*GROUP_NAMES, "dropped"), 0)
     for record in records:
         group = record.group
@@ -507,6 +562,22 @@ def load_image(path: str | Path, size: int, crop: tuple[float, float, float, flo
         If the file is missing or Pillow cannot decode it.
     ImportError
         If Pillow is not installed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> from efmap.reference.adience import load_image
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "face.jpg"
+    ...     Image.new("RGB", (8, 6), (255, 0, 0)).save(path)
+    ...     image = load_image(path, 4)
+    ...     corner = load_image(path, 2, crop=(0.0, 0.0, 0.5, 0.5))
+    >>> image.shape, corner.shape
+    (torch.Size([3, 4, 4]), torch.Size([3, 2, 2]))
+    >>> image[:, 0, 0].round(decimals=1)
+    tensor([ 1., -1., -1.])
     """
     try:
         from PIL import Image
@@ -534,6 +605,16 @@ def collate_skipping(batch: Sequence[tuple[torch.Tensor, int] | None]) -> tuple[
     """Stack ``(image, group)`` pairs into ``(images (B, 3, H, W), groups (B,))``, dropping None items.
 
     A batch in which every item is None gives ``(images (0,), groups (0,))``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from efmap.reference.adience import collate_skipping
+    >>> images, groups = collate_skipping([(torch.zeros(3, 4, 4), 0), None, (torch.ones(3, 4, 4), 2)])
+    >>> images.shape, groups
+    (torch.Size([2, 3, 4, 4]), tensor([0, 2]))
+    >>> collate_skipping([None])[0].shape
+    torch.Size([0])
     """
     kept = [item for item in batch if item is not None]
     if not kept:

@@ -171,7 +171,7 @@ def make_split(
     folds: Iterable[int] = range(NUM_FOLDS),
     crop_scale: tuple[float, float] = (0.8, 0.95),
 ) -> AdienceSplit:
-    """Draw a balanced split: ``train_per_class`` training and ``test_per_class`` test images per age group.
+    r"""Draw a balanced split: ``train_per_class`` training and ``test_per_class`` test images per age group.
 
     Rows whose age label fits no group (see :func:`~efmap.reference.adience.parse_age`) and
     rows whose image file is missing are left out. The log reports the missing files with a
@@ -207,6 +207,29 @@ def make_split(
         usable images, too few even with doubling.
     FileNotFoundError
         If the root lacks fold files or the image folder.
+
+    Examples
+    --------
+    A fold file with two images per age group. The image files stay empty, because the split
+    only checks that they exist.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from efmap.reference.adience import FOLD_COLUMNS
+    >>> from efmap.reference.adience_split import make_split
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> root = Path(folder.name)
+    >>> lines = ["\t".join(FOLD_COLUMNS)]
+    >>> for face_id, age in enumerate(["(0, 2)", "(4, 6)", "(25, 32)", "35", "(60, 100)", "66"]):
+    ...     lines.append("\t".join(["u", "a.jpg", str(face_id), age, "f"] + ["0"] * 7))
+    ...     image = root / "aligned" / "u" / f"landmark_aligned_face.{face_id}.a.jpg"
+    ...     image.parent.mkdir(parents=True, exist_ok=True)
+    ...     image.touch()
+    >>> _ = (root / "fold_0_data.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    >>> split = make_split(root, train_per_class=1, test_per_class=1, folds=[0])
+    >>> split.counts()
+    {'train': {'minor': 1, 'adult': 1, 'old': 1}, 'test': {'minor': 1, 'adult': 1, 'old': 1}}
+    >>> folder.cleanup()
     """
     settings = SplitSettings(train_per_class, test_per_class, seed, crop, tuple(folds), crop_scale)
     root = find_root(root, crop=settings.crop, folds=settings.folds)
@@ -293,7 +316,7 @@ def load_or_make_split(
     folds: Iterable[int] = range(NUM_FOLDS),
     crop_scale: tuple[float, float] = (0.8, 0.95),
 ) -> AdienceSplit:
-    """Read the split at ``path`` if it exists, else draw one with :func:`make_split` and save it there.
+    r"""Read the split at ``path`` if it exists, else draw one with :func:`make_split` and save it there.
 
     The parameters are those of :func:`make_split`.
 
@@ -302,6 +325,30 @@ def load_or_make_split(
     ValueError
         If the file exists but was drawn with other settings, since reusing it would
         silently change the experiment.
+
+    Examples
+    --------
+    The same data as in :func:`make_split`. The second call reads the saved file.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from efmap.reference.adience import FOLD_COLUMNS
+    >>> from efmap.reference.adience_split import load_or_make_split
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> root = Path(folder.name)
+    >>> lines = ["\t".join(FOLD_COLUMNS)]
+    >>> for face_id, age in enumerate(["(0, 2)", "(4, 6)", "(25, 32)", "35", "(60, 100)", "66"]):
+    ...     lines.append("\t".join(["u", "a.jpg", str(face_id), age, "f"] + ["0"] * 7))
+    ...     image = root / "aligned" / "u" / f"landmark_aligned_face.{face_id}.a.jpg"
+    ...     image.parent.mkdir(parents=True, exist_ok=True)
+    ...     image.touch()
+    >>> _ = (root / "fold_0_data.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    >>> first = load_or_make_split(root / "split.json", root, train_per_class=1, test_per_class=1, folds=[0])
+    >>> (root / "split.json").is_file()
+    True
+    >>> load_or_make_split(root / "split.json", root, train_per_class=1, test_per_class=1, folds=[0]) == first
+    True
+    >>> folder.cleanup()
     """
     requested = SplitSettings(train_per_class, test_per_class, seed, crop, tuple(folds), crop_scale)
     path = Path(path)
