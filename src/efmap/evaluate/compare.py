@@ -204,7 +204,8 @@ def _captum_map(
                     perturbations_per_eval=batch_size,
                 )
             # Every channel of a window receives the same score change, so the mean is that change.
-            return attributions.detach().mean(dim=1)
+            # Captum 0.9 returns float32 here even for float64 inputs, so the dtype is restored.
+            return attributions.detach().mean(dim=1).to(inputs.dtype)
 
         chunks = []
         for start in range(0, inputs.shape[0], batch_size):

@@ -68,9 +68,10 @@ class NoisyImputation:
 
     Notes
     -----
-    When every pixel of an image is removed the system has no fixed values; a small
-    pull (weight 1e-6) towards the middle of the value range makes it well posed, and
-    the imputed image is then that constant plus the noise.
+    Each image whose pixels are not all removed gives a system with a unique solution,
+    because the pixel grid is connected. When every pixel of an image is removed nothing
+    fixes the level, so those images are imputed as the middle of the value range plus
+    the noise.
 
     References
     ----------
@@ -101,8 +102,6 @@ EvalFill = Union[float, str, torch.Tensor, Blur, NoisyImputation]
 
 # Neighbour weights of the linear imputation: direct neighbours 1/6, diagonal ones 1/12, centre 0.
 _NEIGHBOUR_WEIGHTS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
-# Weight of the pull towards the middle of the value range; it only matters when no pixel is kept.
-_ANCHOR_WEIGHT = 1e-6
 
 
 def gaussian_blur(inputs: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -227,11 +226,14 @@ def noisy_linear_imputation(
     degree = F.conv2d(torch.ones(1, 1, height, width, dtype=torch.float64, device=inputs.device), kernel, padding=1)
     middle = (lo + hi) / 2
 
-    def operator(values: torch.Tensor) -> torch.Tensor:
-        # (D + eps) v - W v on the removed pixels, for v that is zero on the kept ones: symmetric positive definite.
-        return removed * ((degree + _ANCHOR_WEIGHT) * values - F.conv2d(values, kernel, padding=1))
+    # A plane with no kept pixel has a singular system; a unit pull towards the middle of the range fixes its level.
+    anchor = (known.flatten(1).sum(dim=1) == 0).to(torch.float64).reshape(-1, 1, 1, 1)
 
-    right = removed * (F.conv2d(x * (1 - removed), kernel, padding=1) + _ANCHOR_WEIGHT * middle)
+    def operator(values: torch.Tensor) -> torch.Tensor:
+        # (D + anchor) v - W v on the removed pixels, for v that is zero on the kept ones: symmetric positive definite.
+        return removed * ((degree + anchor) * values - F.conv2d(values, kernel, padding=1))
+
+    right = removed * (F.conv2d(x * (1 - removed), kernel, padding=1) + anchor * middle)
     solution = _conjugate_gradient(operator, right, removed * middle, tolerance, max_iterations)
 
     imputed = solution.reshape(inputs.shape).to(inputs.dtype)
@@ -433,5 +435,5 @@ def _check_keep(inputs: torch.Tensor, keep: torch.Tensor, map_shape: tuple[int, 
     if tuple(keep.shape) not in (map_shape, (rows, *map_shape)):
         raise ValueError(
             f"Expected the mask shape {tuple(keep.shape)} to equal the trailing dimensions {map_shape} of the inputs "
-            f"of shape {tuple(inputs.shape)}, or ({rows}, *{map_shape}) with one mask per input."
+            f"of shape {tuple(inputs.shape)}, or {(rows, *map_shape)} with one mask per input."
         )
