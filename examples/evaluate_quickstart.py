@@ -129,7 +129,12 @@ def run_seed(args: argparse.Namespace, seed: int, methods: tuple[str, ...]) -> d
     model = AgeResNet(in_channels=1, num_classes=2, input_size=25)
     fit(model, split.x_train, split.y_train, epochs=args.epochs, seed=seed)
     x_test, y_test = split.x_test, split.y_test
-    logger.info("seed %d: trained in %.0f s, test accuracy %.3f", seed, time.perf_counter() - clock, efmap.accuracy(model, x_test, y_test))
+    logger.info(
+        "seed %d: trained in %.0f s, test accuracy %.3f",
+        seed,
+        time.perf_counter() - clock,
+        efmap.accuracy(model, x_test, y_test),
+    )
 
     # Landmarks come from training images only, so the test accuracy below is not fitted to the test set.
     per_class = args.landmark_images // 2
@@ -141,7 +146,14 @@ def run_seed(args: argparse.Namespace, seed: int, methods: tuple[str, ...]) -> d
     masked = {}
     for name, fill in MASK_FILLS.items():
         result = efmap.masked_accuracy(
-            model, x_test, y_test, landmarks, fill=fill, num_random=args.num_random, seed=seed, batch_size=args.batch_size
+            model,
+            x_test,
+            y_test,
+            landmarks,
+            fill=fill,
+            num_random=args.num_random,
+            seed=seed,
+            batch_size=args.batch_size,
         )
         masked[name] = {
             "full input": result.full,
@@ -158,7 +170,13 @@ def run_seed(args: argparse.Namespace, seed: int, methods: tuple[str, ...]) -> d
     curves: dict[str, dict[str, object]] = {}
     for fill_name, fill in CURVE_FILLS.items():
         comparison = compare_methods(
-            model, x_test, maps=maps, steps=args.steps, fill=fill, num_random=args.random_orders, seed=seed,
+            model,
+            x_test,
+            maps=maps,
+            steps=args.steps,
+            fill=fill,
+            num_random=args.random_orders,
+            seed=seed,
             batch_size=args.batch_size,
         )
         for method, result in comparison.curves.items():
@@ -191,6 +209,8 @@ def run_seed(args: argparse.Namespace, seed: int, methods: tuple[str, ...]) -> d
         check = randomization_check(model, x_sanity, attribute, layers=SANITY_LAYERS, seed=seed)
         curves[method]["sanity per step"] = check.mean.tolist()
         curves[method]["sanity"] = float(check.mean[-1])
+        curves[method]["sanity abs per step"] = check.absolute_mean.tolist()
+        curves[method]["sanity abs"] = float(check.absolute_mean[-1])
     logger.info("seed %d: sanity check done after %.0f s", seed, time.perf_counter() - clock)
 
     return {"seed": seed, "kept": landmarks.count, "masked": masked, "methods": curves, "fractions": fractions}
@@ -206,7 +226,10 @@ def spread(values: list[float]) -> str:
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -219,16 +242,17 @@ def mask_table(runs: list[dict]) -> str:
 
 def method_table(runs: list[dict], methods: tuple[str, ...]) -> str:
     metrics = [f"{kind} {fill}" for fill in CURVE_FILLS for kind in ("deletion", "insertion")]
-    header = ["method", *metrics, "sanity rho"]
+    header = ["method", *metrics, "sanity rho", "sanity rho |map|"]
     rows = []
     for method in [*methods, "random order"]:
         cells = [spread([run["methods"][method][metric] for run in runs]) for metric in metrics]
-        checked = "sanity" in runs[0]["methods"][method]
-        sanity = spread([run["methods"][method]["sanity"] for run in runs]) if checked else "-"
-        rows.append([method, *cells, sanity])
+        for key in ("sanity", "sanity abs"):
+            checked = key in runs[0]["methods"][method]
+            cells.append(spread([run["methods"][method][key] for run in runs]) if checked else "-")
+        rows.append([method, *cells])
     legend = (
         "deletion: lower is better; insertion: higher is better; sanity rho: Spearman correlation with the trained\n"
-        "model's maps after every layer is randomized (near 0 passes the check); '-': not run."
+        "model's maps (and their absolute values) after every layer is randomized; near 0 passes; '-': not run."
     )
     return format_table(header, rows) + "\n" + legend
 
@@ -244,23 +268,25 @@ def save_figure(path: Path, runs: list[dict], methods: tuple[str, ...]) -> None:
         return
 
     fractions = runs[0]["fractions"]
+    colors = {method: f"C{index}" for index, method in enumerate([*methods, "random order"])}
     figure, axes = plt.subplots(1, 5, figsize=(20, 3.8))
     panels = [(kind, fill) for fill in CURVE_FILLS for kind in ("deletion", "insertion")]
-    for ax, (kind, fill) in zip(axes, panels):
+    for ax, (kind, fill) in zip(axes, panels, strict=False):
         for method in [*methods, "random order"]:
             curve = torch.tensor([run["methods"][method][f"{kind} curve {fill}"] for run in runs]).mean(dim=0)
             style = "--" if method == "random order" else "-"
-            ax.plot(fractions, curve.numpy(), style, label=method)
+            ax.plot(fractions, curve.numpy(), style, color=colors[method], label=method)
         ax.set_title(f"{kind}, fill: {fill}")
         ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
         ax.set_ylabel("probability of the predicted class")
         ax.set_ylim(0, 1.02)
     steps = ["trained", *SANITY_LAYERS]
     for method in (m for m in methods if "sanity per step" in runs[0]["methods"][m]):
-        values = torch.tensor([run["methods"][method]["sanity per step"] for run in runs]).nanmean(dim=0)
-        axes[-1].plot(range(len(steps)), [1.0, *values.tolist()], marker="o", label=method)
+        for key, style in (("sanity per step", "-o"), ("sanity abs per step", ":x")):
+            values = torch.tensor([run["methods"][method][key] for run in runs]).nanmean(dim=0)
+            axes[-1].plot(range(len(steps)), [1.0, *values.tolist()], style, color=colors[method])
     axes[-1].set_xticks(range(len(steps)), steps, rotation=45)
-    axes[-1].set_title("sanity check: randomized from the output")
+    axes[-1].set_title("sanity check (dotted: absolute maps)")
     axes[-1].set_ylabel("Spearman correlation with trained maps")
     axes[0].legend(fontsize=8)
     figure.tight_layout()

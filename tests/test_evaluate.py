@@ -111,7 +111,9 @@ def test_curves_use_at_most_batch_size_copies():
         sizes.append(x.shape[0])
         return LinearScore()(x)
 
-    perturbation_curves(model, torch.ones(2, 1, 3, 4, dtype=torch.float64), WEIGHTS.expand(2, 3, 4), steps=4, batch_size=3)
+    perturbation_curves(
+        model, torch.ones(2, 1, 3, 4, dtype=torch.float64), WEIGHTS.expand(2, 3, 4), steps=4, batch_size=3
+    )
     assert max(sizes) <= 3
     # Two clean forward passes, then deletion and insertion over 5 steps for 2 inputs.
     assert sum(sizes) == 2 + 2 * 5 * 2
@@ -305,6 +307,7 @@ def test_randomization_drops_rank_correlation(trained_tiny):
     check = randomization_check(model, inputs, efmap_positive, seed=1)
     assert check.layers == ("head", "conv")
     assert check.correlation.shape == (2, 12)
+    assert check.absolute_correlation.shape == (2, 12)
     assert float(check.mean[-1]) < 0.5
     assert "randomized up to" in check.table()
     # The user's model and the global random state are untouched.
@@ -330,6 +333,12 @@ def test_spearman_matches_scipy_with_ties():
     for row in range(6):
         expected = stats.spearmanr(first[row].flatten().numpy(), second[row].flatten().numpy()).statistic
         assert float(ours[row]) == pytest.approx(expected)
+
+
+def test_spearman_of_absolute_values_ignores_sign():
+    maps = torch.randn(3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(spearman(maps, -maps), -torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(spearman(maps, -maps, absolute=True), torch.ones(3, dtype=torch.float64))
 
 
 def test_spearman_of_constant_map_is_nan():
@@ -384,7 +393,11 @@ def test_curves_reject_maps_of_wrong_shape():
 def test_curves_reject_target_of_wrong_length():
     with pytest.raises(ValueError, match=r"`target` to have 2 entries, one per input, but got 3"):
         perturbation_curves(
-            LinearScore().eval(), torch.ones(2, 1, 3, 4, dtype=torch.float64), torch.rand(2, 3, 4), steps=4, target=[0, 0, 0]
+            LinearScore().eval(),
+            torch.ones(2, 1, 3, 4, dtype=torch.float64),
+            torch.rand(2, 3, 4),
+            steps=4,
+            target=[0, 0, 0],
         )
 
 
@@ -405,9 +418,7 @@ def test_masked_accuracy_rejects_labels_and_mask_of_wrong_shape():
     with pytest.raises(ValueError, match=r"mask shape \(5, 5\).*\(1, 1, 4, 4\)"):
         efmap.masked_accuracy(PixelSign().eval(), inputs, [0, 1, 1], torch.ones(5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"images \(N, C, H, W\) with \(H, W\) masks for fill blur"):
-        efmap.masked_accuracy(
-            PixelSign().eval(), inputs, [0, 1, 1], torch.ones(1, 4, 4, dtype=torch.bool), fill="blur"
-        )
+        efmap.masked_accuracy(PixelSign().eval(), inputs, [0, 1, 1], torch.ones(1, 4, 4, dtype=torch.bool), fill="blur")
 
 
 def test_fill_functions_reject_masks_of_wrong_shape():
@@ -416,7 +427,9 @@ def test_fill_functions_reject_masks_of_wrong_shape():
     with pytest.raises(ValueError, match=r"`keep`.*\(4, 4\) or \(2, 4, 4\).*\(2, 1, 4, 4\).*shape \(3, 4\)"):
         noisy_linear_imputation(torch.zeros(2, 1, 4, 4), torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"`noise` of the inputs' shape \(2, 1, 4, 4\), but got \(2, 1, 4, 5\)"):
-        noisy_linear_imputation(torch.zeros(2, 1, 4, 4), torch.ones(4, 4, dtype=torch.bool), noise=torch.zeros(2, 1, 4, 5))
+        noisy_linear_imputation(
+            torch.zeros(2, 1, 4, 4), torch.ones(4, 4, dtype=torch.bool), noise=torch.zeros(2, 1, 4, 5)
+        )
     with pytest.raises(ValueError, match=r"broadcastable to the inputs \(2, 1, 4, 4\), but got shape \(3,\)"):
         fill_removed(torch.zeros(2, 1, 4, 4), torch.ones(4, 4, dtype=torch.bool), torch.zeros(3))
     with pytest.raises(TypeError, match=r"`fill` to be a number.*but got list"):
@@ -429,7 +442,9 @@ def test_sanity_and_ranking_reject_mismatched_maps(trained_tiny):
     model, inputs = trained_tiny
     with pytest.raises(ValueError, match=r"same shape \(N, \*map_shape\), but got \(2, 3\) and \(2, 4\)"):
         spearman(torch.rand(2, 3), torch.rand(2, 4))
-    with pytest.raises(ValueError, match=r"N = 12 for inputs of shape \(12, 1, 6, 6\), but got maps of shape \(11, 6, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"N = 12 for inputs of shape \(12, 1, 6, 6\), but got maps of shape \(11, 6, 6\)"
+    ):
         randomization_check(model, inputs, lambda m, x: x[1:, 0])
     calls = []
 

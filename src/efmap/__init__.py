@@ -8,7 +8,15 @@ landmarks.
 
 from efmap._version import __version__
 from efmap._warnings import EfmapWarning
-from efmap.evaluate import MaskedAccuracy, accuracy, masked_accuracy
+from efmap.evaluate import (
+    MaskedAccuracy,
+    PerturbationCurves,
+    RandomizationCheck,
+    accuracy,
+    masked_accuracy,
+    perturbation_curves,
+    randomization_check,
+)
 from efmap.landmarks import Landmarks, apply_mask, select_landmarks
 from efmap.merge import HeatMapAccumulator
 from efmap.normalize import minmax, quantize
@@ -21,13 +29,17 @@ __all__ = [
     "HeatMapAccumulator",
     "Landmarks",
     "MaskedAccuracy",
+    "PerturbationCurves",
+    "RandomizationCheck",
     "__version__",
     "accuracy",
     "apply_mask",
     "explain",
     "masked_accuracy",
     "minmax",
+    "perturbation_curves",
     "quantize",
+    "randomization_check",
     "reverse",
     "select_landmarks",
 ]

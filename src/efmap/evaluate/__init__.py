@@ -1,5 +1,8 @@
-"""Evaluation of maps and landmarks: masked accuracy with controls, deletion and insertion curves,
-a model-randomization sanity check, and comparison with other attribution methods.
+"""Evaluation of maps and landmarks: how much of the model's behaviour they predict.
+
+Masked accuracy with controls, deletion and insertion curves (also with ROAD's
+noisy linear imputation), a model-randomization sanity check, and comparison
+with other attribution methods.
 
 Every result here is measured on the data and model it is given; none of it is a
 general claim about a method.

@@ -60,7 +60,10 @@ class MethodComparison:
                 )
             )
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
         lines.insert(1, "  ".join("-" * width for width in widths))
         return "\n".join(lines)
 
@@ -149,7 +152,9 @@ def attribution_maps(
     with evaluation_mode(model), torch.inference_mode():
         clean = read_scores(model(inputs[:batch_size]), output_fn, min(batch_size, inputs.shape[0]), check=True)
         if inputs.shape[0] > batch_size:
-            rest = [model(inputs[start : start + batch_size]) for start in range(batch_size, inputs.shape[0], batch_size)]
+            rest = [
+                model(inputs[start : start + batch_size]) for start in range(batch_size, inputs.shape[0], batch_size)
+            ]
             clean = torch.cat([clean, *(read_scores(out, output_fn, out.shape[0], check=False) for out in rest)])
     targets = _resolve_target(target, clean)
 
@@ -205,7 +210,8 @@ def _captum_map(
                 )
             # Every channel of a window receives the same score change, so the mean is that change.
             # Captum 0.9 returns float32 here even for float64 inputs, so the dtype is restored.
-            return attributions.detach().mean(dim=1).to(inputs.dtype)
+            occlusion: torch.Tensor = attributions.detach().mean(dim=1).to(inputs.dtype)
+            return occlusion
 
         chunks = []
         for start in range(0, inputs.shape[0], batch_size):
@@ -323,4 +329,3 @@ def compare_methods(
         if index == 0 and num_random:
             random = curves[name]
     return MethodComparison(maps=dict(maps), curves=curves, random=random)
-

@@ -77,10 +77,15 @@ class PerturbationCurves:
         spread is the sample standard deviation of the per-draw means, 0 for one draw).
         """
         result = {"deletion": float(self.deletion_area.mean()), "insertion": float(self.insertion_area.mean())}
-        for name, areas in (("random_deletion", self.random_deletion_area), ("random_insertion", self.random_insertion_area)):
+        for name, areas in (
+            ("random_deletion", self.random_deletion_area),
+            ("random_insertion", self.random_insertion_area),
+        ):
             per_draw = areas.mean(dim=1) if areas.numel() else areas.new_zeros(0)
             result[name] = float(per_draw.mean()) if per_draw.numel() else math.nan
-            result[f"{name}_std"] = float(per_draw.std()) if per_draw.numel() > 1 else (0.0 if per_draw.numel() else math.nan)
+            result[f"{name}_std"] = (
+                float(per_draw.std()) if per_draw.numel() > 1 else (0.0 if per_draw.numel() else math.nan)
+            )
         return result
 
 
@@ -258,7 +263,9 @@ def perturbation_curves(
     with evaluation_mode(model), torch.inference_mode():
         clean = torch.cat(
             [
-                read_scores(model(inputs[start : start + batch_size]), output_fn, min(batch_size, count - start), check=True)
+                read_scores(
+                    model(inputs[start : start + batch_size]), output_fn, min(batch_size, count - start), check=True
+                )
                 for start in range(0, count, batch_size)
             ]
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +85,9 @@ class NoisyImputation:
 
     def __post_init__(self) -> None:
         if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)) or not 0 <= self.noise < math.inf:
-            raise ValueError(f"Expected `noise` to be a non-negative fraction of the value range, but got {self.noise!r}.")
+            raise ValueError(
+                f"Expected `noise` to be a non-negative fraction of the value range, but got {self.noise!r}."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"Expected `seed` to be an integer, but got {self.seed!r}.")
         if not 0 < self.tolerance < 1:
@@ -98,7 +99,7 @@ class NoisyImputation:
 #: A fill for removed features: a number, ``"reverse"``, ``"blur"`` (:class:`Blur` with its default),
 #: ``"road"`` (:class:`NoisyImputation` with its default), a :class:`Blur`, a :class:`NoisyImputation`,
 #: or a tensor broadcastable to the inputs.
-EvalFill = Union[float, str, torch.Tensor, Blur, NoisyImputation]
+EvalFill = float | str | torch.Tensor | Blur | NoisyImputation
 
 # Neighbour weights of the linear imputation: direct neighbours 1/6, diagonal ones 1/12, centre 0.
 _NEIGHBOUR_WEIGHTS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
@@ -213,9 +214,7 @@ def noisy_linear_imputation(
             f"to match `inputs` of shape {tuple(inputs.shape)}, but got {keep.dtype} of shape {tuple(keep.shape)}."
         )
     if noise is not None and noise.shape != inputs.shape:
-        raise ValueError(
-            f"Expected `noise` of the inputs' shape {tuple(inputs.shape)}, but got {tuple(noise.shape)}."
-        )
+        raise ValueError(f"Expected `noise` of the inputs' shape {tuple(inputs.shape)}, but got {tuple(noise.shape)}.")
 
     # Work in float64 with channels folded into the batch: every plane is one independent system.
     x = inputs.detach().to(torch.float64).reshape(count * channels, 1, height, width)
@@ -321,13 +320,16 @@ def fill_removed(
 def resolve_fill(fill: EvalFill) -> float | str | torch.Tensor | Blur | NoisyImputation:
     """Return ``fill`` with the names ``"blur"`` and ``"road"`` replaced by their default objects."""
     if isinstance(fill, str):
-        choices = {"reverse": "reverse", "blur": Blur(), "road": NoisyImputation()}
-        if fill not in choices:
-            raise ValueError(
-                f"Expected `fill` to be a number, a tensor, Blur, NoisyImputation or one of 'reverse', 'blur', 'road', "
-                f"but got {fill!r}."
-            )
-        return choices[fill]
+        if fill == "reverse":
+            return fill
+        if fill == "blur":
+            return Blur()
+        if fill == "road":
+            return NoisyImputation()
+        raise ValueError(
+            f"Expected `fill` to be a number, a tensor, Blur, NoisyImputation or one of 'reverse', 'blur', 'road', "
+            f"but got {fill!r}."
+        )
     if isinstance(fill, bool) or not isinstance(fill, (int, float, torch.Tensor, Blur, NoisyImputation)):
         raise TypeError(
             f"Expected `fill` to be a number, a tensor, Blur, NoisyImputation or a method name, "
@@ -357,9 +359,7 @@ class Filler:
     imputation noise) is computed once, for all ``N`` inputs.
     """
 
-    def __init__(
-        self, inputs: torch.Tensor, fill: EvalFill, *, value_range: ValueRange, map_dims: int
-    ) -> None:
+    def __init__(self, inputs: torch.Tensor, fill: EvalFill, *, value_range: ValueRange, map_dims: int) -> None:
         check_floating(inputs, "inputs")
         self.inputs = inputs
         self.value_range = check_value_range(value_range)

@@ -82,7 +82,10 @@ class MaskedAccuracy:
         ]
         header = ("input", "accuracy", "kept features", "kept fraction")
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
         lines.insert(1, "  ".join("-" * width for width in widths))
         lines.append(f"removed features filled with {self.fill}")
         return "\n".join(lines)
@@ -191,7 +194,7 @@ def centered_box(shape: Sequence[int], count: int) -> torch.Tensor:
         raise ValueError(f"Expected `count` between 0 and {total} for shape {sizes}, but got {count!r}.")
 
     axes = torch.meshgrid(*(torch.arange(size, dtype=torch.float64) for size in sizes), indexing="ij")
-    scaled = [(axis - (size - 1) / 2).abs() / size for axis, size in zip(axes, sizes)]
+    scaled = [(axis - (size - 1) / 2).abs() / size for axis, size in zip(axes, sizes, strict=True)]
     chebyshev = torch.stack(scaled).amax(dim=0).flatten()
     euclidean = torch.stack(scaled).pow(2).sum(dim=0).flatten()
     # Two stable sorts: the second key (Euclidean) first, then the primary key (per-axis maximum).
@@ -308,6 +311,7 @@ def masked_accuracy(
         box=score(centered_box(tuple(mask.shape), kept)),
         fill=describe_fill(fill),
     )
+
 
 def _as_labels(labels: Sequence[int] | torch.Tensor, count: int) -> torch.Tensor:
     tensor = torch.as_tensor(labels)

@@ -1,4 +1,4 @@
-"""Model-randomization sanity check: do the maps change when the learned weights are destroyed?"""
+"""Model-randomization sanity check: whether the maps change when the learned weights are destroyed."""
 
 from __future__ import annotations
 
@@ -85,15 +85,16 @@ class RandomizationCheck:
         up to and including ``layers[i]``, counted from the output; otherwise one step
         randomizes all layers at once.
     correlation
-        Spearman correlation per step and input, float64, shape ``(steps, N)``. NaN where
-        a map is constant.
-    absolute
-        Whether absolute values were ranked.
+        Spearman correlation of the maps per step and input, float64, shape ``(steps, N)``.
+        NaN where a map is constant.
+    absolute_correlation
+        The same for the absolute values of the maps, which ignores a flip of sign (a
+        randomized output layer can swap which class a pixel supports).
     """
 
     layers: tuple[str, ...]
     correlation: torch.Tensor
-    absolute: bool = False
+    absolute_correlation: torch.Tensor
 
     @property
     def mean(self) -> torch.Tensor:
@@ -103,24 +104,38 @@ class RandomizationCheck:
     @property
     def std(self) -> torch.Tensor:
         """Sample standard deviation per step over the inputs with a defined correlation, shape ``(steps,)``."""
-        values = []
-        for row in self.correlation:
-            defined = row[~row.isnan()]
-            values.append(float(defined.std()) if defined.numel() > 1 else math.nan)
-        return torch.tensor(values, dtype=torch.float64)
+        return _nanstd(self.correlation)
+
+    @property
+    def absolute_mean(self) -> torch.Tensor:
+        """Mean correlation of the absolute maps per step, shape ``(steps,)``."""
+        return self.absolute_correlation.nanmean(dim=1)
 
     def table(self) -> str:
         """Return the correlation per step as a plain-text table."""
         undefined = self.correlation.isnan().sum(dim=1)
-        header = ("randomized up to", "spearman mean", "std", "undefined")
+        header = ("randomized up to", "spearman mean", "std", "spearman of |maps|", "undefined")
         rows = [
-            (name, f"{float(mean):+.3f}", f"{float(std):.3f}", str(int(bad)))
-            for name, mean, std, bad in zip(self.layers, self.mean, self.std, undefined)
+            (name, f"{float(mean):+.3f}", f"{float(std):.3f}", f"{float(absolute):+.3f}", str(int(bad)))
+            for name, mean, std, absolute, bad in zip(
+                self.layers, self.mean, self.std, self.absolute_mean, undefined, strict=True
+            )
         ]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
         lines.insert(1, "  ".join("-" * width for width in widths))
         return "\n".join(lines)
+
+
+def _nanstd(values: torch.Tensor) -> torch.Tensor:
+    result = []
+    for row in values:
+        defined = row[~row.isnan()]
+        result.append(float(defined.std()) if defined.numel() > 1 else math.nan)
+    return torch.tensor(result, dtype=torch.float64)
 
 
 def randomization_check(
@@ -131,14 +146,14 @@ def randomization_check(
     layers: Sequence[str] | None = None,
     cascade: bool = True,
     seed: int = 0,
-    absolute: bool = False,
 ) -> RandomizationCheck:
     """Compare maps of a trained model with maps of the same architecture whose weights are randomized.
 
     The model is deep-copied and never modified. The layers are randomized from the
     output towards the input: cumulatively, one more at each step (cascading), or all
     at once. After each step the copy is explained with ``attribute`` and every map is
-    compared with the trained model's map by Spearman rank correlation. A method whose
+    compared with the trained model's map by Spearman rank correlation, of the maps and of
+    their absolute values. A method whose
     maps depend on what the model learned gives correlations that fall towards zero; a
     method whose maps stay correlated is explaining the input, not the model.
 
@@ -165,8 +180,6 @@ def randomization_check(
         Randomize cumulatively, one step per entry of ``layers`` (default), or all of them at once in one step.
     seed
         Seed of the random weights; step ``i`` draws with ``seed + i``.
-    absolute
-        Rank absolute map values. Default False.
 
     Returns
     -------
@@ -210,13 +223,16 @@ def randomization_check(
     steps = [[name] for name in names] if cascade else [names]
     labels = tuple(names) if cascade else ("all: " + ", ".join(names),)
 
-    correlations = []
+    signed, absolute = [], []
     for index, step in enumerate(steps):
         _randomize([modules[name] for name in step], seed + index)
         maps = _attribute(attribute, copied, inputs, reference)
-        correlations.append(spearman(reference.to(torch.float64), maps.to(torch.float64), absolute=absolute))
+        signed.append(spearman(reference, maps))
+        absolute.append(spearman(reference, maps, absolute=True))
 
-    return RandomizationCheck(layers=labels, correlation=torch.stack(correlations).cpu(), absolute=absolute)
+    return RandomizationCheck(
+        layers=labels, correlation=torch.stack(signed).cpu(), absolute_correlation=torch.stack(absolute).cpu()
+    )
 
 
 def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
@@ -233,13 +249,17 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]
     for name in names:
         if name not in modules:
             available = ", ".join(repr(key) for key in list(modules)[1:12])
-            raise ValueError(f"Expected `layers` to name submodules of the model, but got {name!r}; some names: {available}.")
+            raise ValueError(
+                f"Expected `layers` to name submodules of the model, but got {name!r}; some names: {available}."
+            )
         if not any(True for _ in modules[name].parameters()):
             raise ValueError(f"Expected every layer in `layers` to hold parameters, but {name!r} holds none.")
     return names
 
 
-def _attribute(attribute: Attribute, model: nn.Module, inputs: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+def _attribute(
+    attribute: Attribute, model: nn.Module, inputs: torch.Tensor, reference: torch.Tensor | None
+) -> torch.Tensor:
     maps = attribute(model, inputs)
     if not isinstance(maps, torch.Tensor) or not maps.is_floating_point():
         raise TypeError(f"Expected `attribute` to return a floating tensor of maps, but got {type(maps).__name__}.")
