@@ -52,8 +52,8 @@ logger = logging.getLogger("evaluate_quickstart")
 MASK_FILLS = {"constant 0": 0.0, "reverse": "reverse", "blur": "blur", "road": NoisyImputation()}
 # Fills of the deletion/insertion curves.
 CURVE_FILLS = {"constant 0": 0.0, "road": NoisyImputation()}
-# AgeResNet layers randomized cumulatively from the output towards the input in the sanity check; the step
-# "stages" redraws all five residual stages, so the last step leaves no trained weight.
+# AgeResNet layers randomized cumulatively from the output towards the input in the sanity check.
+# The step "stages" redraws all five residual stages, so after the last step no trained weight is left.
 SANITY_LAYERS = ["fc", "stages.4", "stages.3", "stages", "stem"]
 MASK_ROWS = ("full input", "landmarks kept", "random masks", "centered box", "landmarks removed")
 

@@ -23,7 +23,7 @@ from efmap.evaluate import (
     spearman,
 )
 
-# Distinct positive weights of a 3x4 linear model, in a scrambled order so that row-major order is not the answer.
+# Distinct positive weights of a 3x4 linear model, scrambled so that row-major order is not the importance order.
 WEIGHTS = torch.tensor([[5.0, 12.0, 1.0, 7.0], [3.0, 10.0, 8.0, 2.0], [11.0, 4.0, 9.0, 6.0]], dtype=torch.float64)
 
 
@@ -66,7 +66,7 @@ def test_deletion_curve_of_true_map_is_exact():
     torch.testing.assert_close(curves.insertion[0], WEIGHTS.sum() - expected)
 
 
-def test_true_map_deletion_is_steepest_and_reversed_map_flattest():
+def test_true_map_curves_are_extreme():
     best = linear_curves(WEIGHTS[None])
     worst = linear_curves(-WEIGHTS[None])
     generator = torch.Generator().manual_seed(0)
@@ -411,7 +411,7 @@ def test_curves_reject_bad_options():
         perturbation_curves(LinearScore().eval(), inputs, maps, steps=4, fill="smear")
 
 
-def test_masked_accuracy_rejects_labels_and_mask_of_wrong_shape():
+def test_masked_accuracy_rejects_mismatches():
     inputs = torch.zeros(3, 1, 4, 4)
     with pytest.raises(ValueError, match=r"one entry per input \(3\), but got shape \(2,\)"):
         efmap.masked_accuracy(PixelSign().eval(), inputs, [0, 1], torch.ones(4, 4, dtype=torch.bool))

@@ -73,19 +73,21 @@ class PerturbationCurves:
         """Return mean areas over the inputs; for random orders also the spread over draws.
 
         Keys: ``deletion``, ``insertion``, ``random_deletion``, ``random_deletion_std``,
-        ``random_insertion`` and ``random_insertion_std`` (NaN without random draws; the
-        spread is the sample standard deviation of the per-draw means, 0 for one draw).
+        ``random_insertion`` and ``random_insertion_std``. The spread is the sample standard
+        deviation of the per-draw means: 0 for one draw, NaN without random draws.
         """
         result = {"deletion": float(self.deletion_area.mean()), "insertion": float(self.insertion_area.mean())}
         for name, areas in (
             ("random_deletion", self.random_deletion_area),
             ("random_insertion", self.random_insertion_area),
         ):
-            per_draw = areas.mean(dim=1) if areas.numel() else areas.new_zeros(0)
-            result[name] = float(per_draw.mean()) if per_draw.numel() else math.nan
-            result[f"{name}_std"] = (
-                float(per_draw.std()) if per_draw.numel() > 1 else (0.0 if per_draw.numel() else math.nan)
-            )
+            per_draw = areas.mean(dim=1)
+            draws = per_draw.numel()
+            result[name] = float(per_draw.mean()) if draws else math.nan
+            if draws > 1:
+                result[f"{name}_std"] = float(per_draw.std())
+            else:
+                result[f"{name}_std"] = 0.0 if draws else math.nan
         return result
 
 
@@ -223,9 +225,9 @@ def perturbation_curves(
     TypeError
         If ``inputs`` or ``maps`` are not floating point, or ``fill`` has an unknown type.
     ValueError
-        If ``maps`` does not have the shape ``(N, *map_shape)`` of the inputs, ``target`` does not have
-        one entry per input, ``steps`` is not between 1 and the number of features, the model has a
-        single output with ``softmax=True``, or an option is invalid.
+        If ``maps`` does not have the shape ``(N, *map_shape)`` of the inputs, or ``target`` does not
+        have one entry per input. Also if ``steps`` is not between 1 and the number of features, the
+        model has a single output with ``softmax=True``, or another option is invalid.
 
     Examples
     --------

@@ -45,10 +45,10 @@ class Blur:
 class NoisyImputation:
     """Fill removed pixels by noisy linear imputation from their neighbours, as in ROAD.
 
-    Each removed pixel is set to the weighted mean of its 8 neighbours (weight 1/6 for
-    the 4 direct neighbours, 1/12 for the diagonal ones, renormalised at the image
-    border), which is a sparse linear system over all removed pixels at once. It is
-    solved by conjugate gradients. Gaussian noise is then added to the imputed pixels,
+    Each removed pixel is set to the weighted mean of its 8 neighbours: weight 1/6 for
+    the 4 direct neighbours and 1/12 for the diagonal ones, renormalised at the image
+    border. Together these equations form a sparse linear system over all removed
+    pixels, which is solved by conjugate gradients. Gaussian noise is then added to the imputed pixels,
     and the result is clipped to the value range.
 
     Attributes

@@ -81,8 +81,8 @@ class RandomizationCheck:
     Attributes
     ----------
     layers
-        Label of each step: with cascading randomization, step ``i`` randomizes every layer
-        up to and including ``layers[i]``, counted from the output; otherwise one step
+        Label of each step. With cascading randomization, step ``i`` randomizes every layer
+        up to and including ``layers[i]``, counted from the output. Without it, one step
         randomizes all layers at once.
     correlation
         Spearman correlation of the maps per step and input, float64, shape ``(steps, N)``.
@@ -153,9 +153,8 @@ def randomization_check(
     output towards the input: cumulatively, one more at each step (cascading), or all
     at once. After each step the copy is explained with ``attribute`` and every map is
     compared with the trained model's map by Spearman rank correlation, of the maps and of
-    their absolute values. A method whose
-    maps depend on what the model learned gives correlations that fall towards zero; a
-    method whose maps stay correlated is explaining the input, not the model.
+    their absolute values. Maps that depend on what the model learned give correlations
+    that fall towards zero. Maps that stay correlated explain the input, not the model.
 
     Randomizing a module calls its ``reset_parameters()`` (the default initialization of
     PyTorch layers, which for batch normalisation also resets the running statistics);
@@ -253,7 +252,7 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]
                 f"Expected `layers` to name submodules of the model, but got {name!r}; some names: {available}."
             )
         if not any(True for _ in modules[name].parameters()):
-            raise ValueError(f"Expected every layer in `layers` to hold parameters, but {name!r} holds none.")
+            raise ValueError(f"Expected every layer in `layers` to contain parameters, but {name!r} contains none.")
     return names
 
 
