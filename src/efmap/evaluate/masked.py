@@ -224,9 +224,10 @@ def masked_accuracy(
     Five accuracies are measured, with the same ``fill`` for every removed feature. They
     are the accuracy on the full inputs, with only the landmarks kept, with the landmarks
     removed (the inverse mask), with ``num_random`` random masks that keep as many
-    features, and with a centered box that keeps as many features. The random masks are the honest control: if they keep as much
-    accuracy as the landmarks, the landmarks carry no special information. The box
-    tells whether "the middle of the image" alone would do as well.
+    features, and with a centered box that keeps as many features. The random masks are
+    the honest control: if they keep as much accuracy as the landmarks, the landmarks
+    carry no special information. The box tells whether "the middle of the image" alone
+    would do as well.
 
     Parameters
     ----------
