@@ -34,14 +34,8 @@ from pathlib import Path
 import torch
 
 import efmap
-from efmap.evaluate import (
-    CAPTUM_METHODS,
-    EFMAP_METHODS,
-    NoisyImputation,
-    attribution_maps,
-    compare_methods,
-    randomization_check,
-)
+from efmap.evaluate import NoisyImputation, attribution_maps, compare_methods, randomization_check
+from efmap.evaluate.compare import CAPTUM_METHODS, EFMAP_METHODS
 from efmap.reference import AgeResNet
 from efmap.reference.lfw import load_lfw_faces
 from efmap.reference.training import fit

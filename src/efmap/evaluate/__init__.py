@@ -8,23 +8,14 @@ Every result here is measured on the data and model it is given; none of it is a
 general claim about a method.
 """
 
-from efmap.evaluate.compare import (
-    CAPTUM_METHODS,
-    EFMAP_METHODS,
-    MethodComparison,
-    attribution_maps,
-    compare_methods,
-)
+from efmap.evaluate.compare import MethodComparison, attribution_maps, compare_methods
 from efmap.evaluate.curves import PerturbationCurves, curve_area, feature_ranks, perturbation_curves
-from efmap.evaluate.fills import Blur, EvalFill, NoisyImputation, fill_removed, gaussian_blur, noisy_linear_imputation
+from efmap.evaluate.fills import Blur, NoisyImputation, fill_removed, gaussian_blur, noisy_linear_imputation
 from efmap.evaluate.masked import MaskedAccuracy, accuracy, centered_box, masked_accuracy
 from efmap.evaluate.sanity import RandomizationCheck, randomization_check, spearman
 
 __all__ = [
-    "CAPTUM_METHODS",
-    "EFMAP_METHODS",
     "Blur",
-    "EvalFill",
     "MaskedAccuracy",
     "MethodComparison",
     "NoisyImputation",

@@ -17,10 +17,10 @@ from efmap.scoring import _resolve_target, explain
 
 __all__ = ["CAPTUM_METHODS", "EFMAP_METHODS", "MethodComparison", "attribution_maps", "compare_methods"]
 
-#: Maps computed by efmap itself: the positive factor read from the new maximum, or from the target class.
+#: Names of the maps computed by efmap itself, the positive factor read from the new maximum or from the target class.
 EFMAP_METHODS = ("efmap-max", "efmap-target")
-#: Maps computed with Captum: occlusion of 1-pixel windows with a zero baseline, absolute gradients,
-#: and integrated gradients from a zero baseline.
+#: Names of the maps computed with Captum, which are occlusion of 1-pixel windows with a zero baseline,
+#: absolute gradients, and integrated gradients from a zero baseline.
 CAPTUM_METHODS = ("occlusion", "saliency", "integrated-gradients")
 
 
@@ -33,7 +33,7 @@ class MethodComparison:
     maps
         Map per method name, shape ``(N, H, W)``.
     curves
-        Curves per method name; the random orders are in :attr:`random`.
+        Curves per method name; the random orders are in ``random``.
     random
         Curves holding the random-order draws (the same for every method), or None without draws.
     """
@@ -88,7 +88,7 @@ def attribution_maps(
 
     Methods: ``"efmap-max"`` (positive factor, new maximum over all classes),
     ``"efmap-target"`` (positive factor, score of the target class; both from one call
-    of :func:`~efmap.explain`), ``"occlusion"`` (Captum ``Occlusion`` with a zero baseline
+    of :func:`~efmap.scoring.explain`), ``"occlusion"`` (Captum ``Occlusion`` with a zero baseline
     and a window of one pixel across all channels), ``"saliency"`` (Captum ``Saliency``,
     absolute gradients summed over channels) and ``"integrated-gradients"`` (Captum
     ``IntegratedGradients`` from a zero baseline with ``ig_steps`` steps, summed over channels).
@@ -114,8 +114,8 @@ def attribution_maps(
 
     Returns
     -------
-    dict[str, torch.Tensor]
-        Map ``(N, H, W)`` per method, in the order of ``methods``; higher means more important.
+    dict
+        Map ``(N, H, W)`` per method name, in the order of ``methods``; higher means more important.
 
     Raises
     ------
@@ -265,7 +265,7 @@ def compare_methods(
     target
         Class whose score is read (and explained): an int, or one per input. Default: the predicted class.
     steps, fill, num_random, seed, softmax, batch_size, value_range, output_fn, progress
-        As in :func:`~efmap.evaluate.perturbation_curves`. The ``num_random`` random orders are
+        As in :func:`~efmap.evaluate.curves.perturbation_curves`. The ``num_random`` random orders are
         drawn once and shared by every method.
 
     Returns

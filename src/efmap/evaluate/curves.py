@@ -198,7 +198,7 @@ def perturbation_curves(
     steps
         Number of steps from 0 to all features. Default 20.
     fill
-        How removed features are filled, as in :func:`~efmap.evaluate.fill_removed`: a number
+        How removed features are filled, as in :func:`~efmap.evaluate.fills.fill_removed`: a number
         (default 0.0), ``"reverse"``, ``"blur"``, ``"road"`` for noisy linear imputation, or a tensor.
     num_random
         Number of random orders, each a seeded uniform permutation per input. Default 0.
@@ -207,7 +207,7 @@ def perturbation_curves(
     softmax
         Read class probabilities (softmax over the classes) rather than raw scores. Default True.
     batch_size
-        Modified copies per forward pass; at most this many exist at once, as in :func:`~efmap.explain`.
+        Modified copies per forward pass; at most this many exist at once, as in :func:`~efmap.scoring.explain`.
     value_range
         Input range, used by ``fill="reverse"`` and the imputation.
     output_fn

@@ -96,8 +96,8 @@ class NoisyImputation:
             raise ValueError(f"Expected `max_iterations` to be a positive integer, but got {self.max_iterations!r}.")
 
 
-#: A fill for removed features: a number, ``"reverse"``, ``"blur"`` (:class:`Blur` with its default),
-#: ``"road"`` (:class:`NoisyImputation` with its default), a :class:`Blur`, a :class:`NoisyImputation`,
+#: Type of the fill of removed features, which is a number, ``"reverse"``, ``"blur"``, ``"road"``,
+#: a :class:`~efmap.evaluate.fills.Blur`, a :class:`~efmap.evaluate.fills.NoisyImputation`,
 #: or a tensor broadcastable to the inputs.
 EvalFill = float | str | torch.Tensor | Blur | NoisyImputation
 

@@ -238,11 +238,11 @@ def masked_accuracy(
     labels
         True class per input, ``N`` integers.
     landmarks
-        :class:`~efmap.Landmarks` or a boolean mask of kept features, for example ``(H, W)``.
+        :class:`~efmap.landmarks.Landmarks` or a boolean mask of kept features, for example ``(H, W)``.
     fill
         Value of removed features: a number (default 0.0), ``"reverse"``, ``"blur"`` or
-        :class:`~efmap.evaluate.Blur`, ``"road"`` or :class:`~efmap.evaluate.NoisyImputation`,
-        or a tensor; see :func:`~efmap.evaluate.fill_removed`.
+        :class:`~efmap.evaluate.fills.Blur`, ``"road"`` or :class:`~efmap.evaluate.fills.NoisyImputation`,
+        or a tensor; see :func:`~efmap.evaluate.fills.fill_removed`.
     num_random
         Number of random masks, each drawn uniformly among masks that keep the same number
         of features. Default 10.

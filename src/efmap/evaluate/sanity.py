@@ -21,7 +21,7 @@ Attribute = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 def spearman(first: torch.Tensor, second: torch.Tensor, *, absolute: bool = False) -> torch.Tensor:
     """Compute the Spearman rank correlation between matching maps, one value per map.
 
-    Ties get the mean of the ranks they span, as in :func:`scipy.stats.spearmanr`.
+    Ties get the mean of the ranks they span, as in ``scipy.stats.spearmanr``.
     A constant map has no ranking, so its correlation is NaN.
 
     Parameters
