@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sanity-images", type=int, default=6, help="test images in the sanity check (default: %(default)s)"
     )
+    parser.add_argument(
+        "--max-test", type=int, default=None, help="use only N test images, half per class (default: all 60)"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="copies per forward pass (default: %(default)s)")
     parser.add_argument(
         "--threads", type=int, default=0, help="PyTorch CPU threads; 0 keeps PyTorch's choice (default: %(default)s)"
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print("Captum is not installed, so only efmap is compared (pip install efmap[compare]).")
     print(f"\nTest accuracy with pixels removed ({args.keep_fraction:.0%} kept, landmarks from training maps):")
     print(mask_table(runs))
-    print("\nAttribution methods on the 60 test images (areas over the fraction of pixels, softmax scores):")
+    count = runs[0]["test images"]
+    print(f"\nAttribution methods on the {count} test images (areas over the fraction of pixels, softmax scores):")
     print(method_table(runs, methods))
     print(f"\nTotal time {elapsed:.0f} s on {torch.get_num_threads()} CPU thread(s).")
 
@@ -123,6 +127,9 @@ def run_seed(args: argparse.Namespace, seed: int, methods: tuple[str, ...]) -> d
     model = AgeResNet(in_channels=1, num_classes=2, input_size=25)
     fit(model, split.x_train, split.y_train, epochs=args.epochs, seed=seed)
     x_test, y_test = split.x_test, split.y_test
+    if args.max_test is not None:
+        kept = torch.cat([torch.nonzero(y_test == k).flatten()[: args.max_test // 2] for k in (0, 1)])
+        x_test, y_test = x_test[kept], y_test[kept]
     logger.info(
         "seed %d: trained in %.0f s, test accuracy %.3f",
         seed,
@@ -207,7 +214,14 @@ def run_seed(args: argparse.Namespace, seed: int, methods: tuple[str, ...]) -> d
         curves[method]["sanity abs"] = float(check.absolute_mean[-1])
     logger.info("seed %d: sanity check done after %.0f s", seed, time.perf_counter() - clock)
 
-    return {"seed": seed, "kept": landmarks.count, "masked": masked, "methods": curves, "fractions": fractions}
+    return {
+        "seed": seed,
+        "test images": len(y_test),
+        "kept": landmarks.count,
+        "masked": masked,
+        "methods": curves,
+        "fractions": fractions,
+    }
 
 
 def spread(values: list[float]) -> str:

@@ -1,5 +1,7 @@
+import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +470,25 @@ def test_compare_and_area_reject_mismatched_shapes():
         curve_area(torch.linspace(0, 1, 3), torch.rand(2, 4))
     with pytest.raises(ValueError, match=r"`count` between 0 and 16 for shape \(4, 4\), but got 17"):
         centered_box((4, 4), 17)
+
+
+# The example
+
+
+@pytest.mark.slow
+def test_evaluate_quickstart_runs(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    pytest.importorskip("matplotlib")
+    path = Path(__file__).resolve().parents[1] / "examples" / "evaluate_quickstart.py"
+    spec = importlib.util.spec_from_file_location("evaluate_quickstart", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    arguments = ["--out", str(tmp_path), "--seeds", "1", "--epochs", "1", "--max-test", "4", "--landmark-images", "2"]
+    arguments += ["--num-random", "2", "--random-orders", "1", "--steps", "2", "--sanity-images", "2"]
+    result = example.main(arguments)
+    printed = capsys.readouterr().out
+    for row in ("landmarks kept", "random masks", "centered box", "landmarks removed", "efmap-max", "random order"):
+        assert row in printed
+    assert len(result["runs"]) == 1
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert (tmp_path / "results.json").stat().st_size > 0
