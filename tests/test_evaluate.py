@@ -25,6 +25,12 @@ from efmap.evaluate import (
     spearman,
 )
 
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 # Distinct positive weights of a 3x4 linear model, scrambled so that row-major order is not the importance order.
 WEIGHTS = torch.tensor([[5.0, 12.0, 1.0, 7.0], [3.0, 10.0, 8.0, 2.0], [11.0, 4.0, 9.0, 6.0]], dtype=torch.float64)
 
@@ -316,6 +322,18 @@ def test_randomization_drops_rank_correlation(trained_tiny):
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])
     assert torch.equal(torch.get_rng_state(), rng_state)
+
+
+def test_randomization_of_model_own_parameters():
+    # Inputs in (0.2, 1) keep class 0 on top, so each map is the weight vector of the model explained.
+    inputs = torch.rand(4, 1, 3, 4, dtype=torch.float64) * 0.8 + 0.2
+    check = randomization_check(
+        LinearScore().eval(), inputs, lambda m, x: efmap.explain(m, x, check_range=False).positive, seed=3
+    )
+    assert check.layers == ("",)
+    assert not check.correlation.isnan().any()
+    assert float(check.correlation.max() - check.correlation.min()) < 1e-12
+    assert float(check.mean[0]) < 0.9
 
 
 def test_model_independent_map_keeps_full_correlation(trained_tiny):

@@ -92,6 +92,8 @@ def attribution_maps(
     and a window of one pixel across all channels), ``"saliency"`` (Captum ``Saliency``,
     absolute gradients summed over channels) and ``"integrated-gradients"`` (Captum
     ``IntegratedGradients`` from a zero baseline with ``ig_steps`` steps, summed over channels).
+    The efmap maps are computed with ``check_range=False``: inputs outside ``value_range`` are
+    still rejected, but inputs that use only its upper half are accepted.
 
     Parameters
     ----------

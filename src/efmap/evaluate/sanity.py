@@ -174,7 +174,8 @@ def randomization_check(
     layers
         Names of submodules (as in ``model.named_modules()``), ordered from the output
         towards the input; each step randomizes every parameter inside one of them.
-        Default: the direct children that hold parameters, last child first.
+        Default: the direct children that contain parameters, last child first, or the model
+        itself (the name ``""``) when only it contains parameters.
     cascade
         Randomize cumulatively, one step per entry of ``layers`` (default), or all of them at once in one step.
     seed
@@ -239,6 +240,9 @@ def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]
     if layers is None:
         names = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
         names.reverse()
+        if not names and any(True for _ in model.parameters(recurse=False)):
+            # The parameters live on the model itself, so the only layer is the model (named "").
+            names = [""]
     else:
         if isinstance(layers, str):
             raise TypeError(f"Expected `layers` to be a sequence of module names, but got the string {layers!r}.")
