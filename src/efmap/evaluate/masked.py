@@ -99,14 +99,14 @@ def accuracy(
     batch_size: int = 256,
     output_fn: OutputFn | None = None,
 ) -> float:
-    """Compute the fraction of ``inputs`` whose predicted class (the arg max of the scores) equals ``labels``.
+    """Return the fraction of ``inputs`` whose predicted class (the arg max of the scores) equals ``labels``.
 
     Parameters
     ----------
     model
-        Classifier from ``(N, ...)`` to class scores ``(N, K)``.
+        Classifier from ``(N, ...)`` to class scores ``(N, K)``; put in eval mode for the call.
     inputs
-        Floating tensor ``(N, ...)``.
+        Floating tensor ``(N, ...)``, moved to the model's device and dtype batch by batch.
     labels
         True class per input, ``N`` integers.
     batch_size
@@ -122,19 +122,18 @@ def accuracy(
     Raises
     ------
     TypeError
-        If ``inputs`` is not floating point or ``labels`` are not integers.
+        If ``inputs`` is not floating point, ``labels`` are not integers, or the model output is not a tensor.
     ValueError
-        If ``labels`` does not have one entry per input.
+        If ``labels`` does not have one entry per input or ``batch_size`` is not a positive integer.
 
     Examples
     --------
     >>> import torch, efmap
-    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2)).eval()
+    >>> model = torch.nn.Linear(2, 2)
     >>> with torch.no_grad():
-    ...     _ = model[1].weight.copy_(torch.eye(2))
-    ...     _ = model[1].bias.zero_()
-    >>> efmap.accuracy(model, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), [0, 0])
-    0.5
+    ...     _ = model.weight.copy_(torch.eye(2)), model.bias.zero_()
+    >>> efmap.accuracy(model.eval(), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), [0, 1, 1])
+    0.6666666666666666
     """
     check_floating(inputs, "inputs")
     label_tensor = _as_labels(labels, inputs.shape[0])
