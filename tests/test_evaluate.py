@@ -119,9 +119,16 @@ def test_curves_use_at_most_batch_size_copies():
         sizes.append(x.shape[0])
         return LinearScore()(x)
 
+    reports = []
     perturbation_curves(
-        model, torch.ones(2, 1, 3, 4, dtype=torch.float64), WEIGHTS.expand(2, 3, 4), steps=4, batch_size=3
+        model,
+        torch.ones(2, 1, 3, 4, dtype=torch.float64),
+        WEIGHTS.expand(2, 3, 4),
+        steps=4,
+        batch_size=3,
+        progress=lambda done, total: reports.append((done, total)),
     )
+    assert reports[-1] == (20, 20)
     assert max(sizes) <= 3
     # Two clean forward passes, then deletion and insertion over 5 steps for 2 inputs.
     assert sum(sizes) == 2 + 2 * 5 * 2

@@ -282,6 +282,7 @@ def _attribute(
 
 def _randomize(modules: list[nn.Module], seed: int) -> None:
     """Redraw every parameter inside ``modules`` with a seeded generator, leaving the global random state as it was."""
+    # NOTE: only CPU models are tested; the CUDA generator handling below has not been run on a GPU.
     devices = sorted({p.device.index for m in modules for p in m.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=[d for d in devices if d is not None]), torch.no_grad():
         torch.manual_seed(seed)
