@@ -10,7 +10,8 @@ general claim about a method.
 
 from efmap.evaluate.compare import MethodComparison, attribution_maps, compare_methods
 from efmap.evaluate.curves import PerturbationCurves, curve_area, feature_ranks, perturbation_curves
-from efmap.evaluate.fills import Blur, NoisyImputation, fill_removed, gaussian_blur, noisy_linear_imputation
+from efmap.evaluate.fills import Blur, NoisyImputation, fill_removed
+from efmap.evaluate.image_fills import gaussian_blur, noisy_linear_imputation
 from efmap.evaluate.masked import MaskedAccuracy, accuracy, centered_box, masked_accuracy
 from efmap.evaluate.sanity import RandomizationCheck, randomization_check, spearman
 
