@@ -33,6 +33,13 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def evaluate(session: nox.Session) -> None:
+    """Evaluate maps and landmarks on the scikit-image faces (examples/evaluate_quickstart.py)."""
+    install(session, "examples,compare")
+    session.run("python", "examples/evaluate_quickstart.py", "--out", "out/evaluate", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """Check style with ruff and types with mypy."""
     install(session, "dev")

@@ -9,7 +9,15 @@ landmarks.
 from efmap._version import __version__
 from efmap._warnings import EfmapWarning
 from efmap.dataset import DatasetExplanation, RunProgress, explain_dataset
-from efmap.evaluate import MaskedAccuracy, accuracy, masked_accuracy
+from efmap.evaluate import (
+    MaskedAccuracy,
+    PerturbationCurves,
+    RandomizationCheck,
+    accuracy,
+    masked_accuracy,
+    perturbation_curves,
+    randomization_check,
+)
 from efmap.landmarks import Landmarks, apply_mask, select_landmarks
 from efmap.merge import HeatMapAccumulator
 from efmap.normalize import minmax, quantize
@@ -24,6 +32,8 @@ __all__ = [
     "Landmarks",
     "MaskedAccuracy",
     "RunProgress",
+    "PerturbationCurves",
+    "RandomizationCheck",
     "__version__",
     "accuracy",
     "apply_mask",
@@ -31,7 +41,9 @@ __all__ = [
     "explain_dataset",
     "masked_accuracy",
     "minmax",
+    "perturbation_curves",
     "quantize",
+    "randomization_check",
     "reverse",
     "select_landmarks",
 ]

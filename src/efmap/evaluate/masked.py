@@ -1,4 +1,4 @@
-"""Evaluation of landmarks: accuracy with only the landmarks kept, against random masks of the same size."""
+"""Masked accuracy: landmarks kept, landmarks removed, random masks of the same size, and a centered box."""
 
 from __future__ import annotations
 
@@ -11,27 +11,34 @@ import torch
 from efmap._checks import check_batch_size, check_floating
 from efmap._model import OutputFn, evaluation_mode, model_device_dtype, read_scores
 from efmap._typing import Model, ValueRange
-from efmap.landmarks import Fill, Landmarks, apply_mask
+from efmap.evaluate.fills import EvalFill, Filler, describe_fill
+from efmap.landmarks import Landmarks, _check_mask_shape
 
-__all__ = ["MaskedAccuracy", "accuracy", "masked_accuracy"]
+__all__ = ["MaskedAccuracy", "accuracy", "centered_box", "masked_accuracy"]
 
 
 @dataclass(frozen=True)
 class MaskedAccuracy:
-    """Accuracy of a model on full inputs, with only the landmarks kept, and with random masks of the same size.
+    """Accuracy of a model on full inputs and on inputs with features removed by a mask.
 
     Attributes
     ----------
     full
         Accuracy on the unmodified inputs.
     landmarks
-        Accuracy with every feature outside the landmarks filled.
+        Accuracy with every feature outside the landmarks filled (landmarks kept).
     random
         Accuracy for each seeded random mask that keeps as many features, shape ``(num_random,)``.
     kept
         Number of kept features.
     total
         Number of features in the mask.
+    removed
+        Accuracy with the landmarks themselves filled and every other feature kept (the inverse mask).
+    box
+        Accuracy with only a centered box of ``kept`` features kept (see :func:`centered_box`).
+    fill
+        Short name of the fill used for every removed feature.
     """
 
     full: float
@@ -39,6 +46,9 @@ class MaskedAccuracy:
     random: torch.Tensor
     kept: int
     total: int
+    removed: float = math.nan
+    box: float = math.nan
+    fill: str = "constant(0)"
 
     @property
     def fraction(self) -> float:
@@ -57,6 +67,7 @@ class MaskedAccuracy:
 
     def table(self) -> str:
         """Return the results as a plain-text table."""
+        removed_fraction = (self.total - self.kept) / self.total
         rows = [
             ("full input", f"{self.full:.4f}", f"{self.total}", "1.0000"),
             ("landmarks only", f"{self.landmarks:.4f}", f"{self.kept}", f"{self.fraction:.4f}"),
@@ -66,11 +77,17 @@ class MaskedAccuracy:
                 f"{self.kept}",
                 f"{self.fraction:.4f}",
             ),
+            ("centered box", f"{self.box:.4f}", f"{self.kept}", f"{self.fraction:.4f}"),
+            ("landmarks removed", f"{self.removed:.4f}", f"{self.total - self.kept}", f"{removed_fraction:.4f}"),
         ]
         header = ("input", "accuracy", "kept features", "kept fraction")
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
         lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.append(f"removed features filled with {self.fill}")
         return "\n".join(lines)
 
 
@@ -133,23 +150,83 @@ def accuracy(
     return correct / max(inputs.shape[0], 1)
 
 
+def centered_box(shape: Sequence[int], count: int) -> torch.Tensor:
+    """Build a mask that keeps the ``count`` features nearest to the center, in a box of the map's aspect ratio.
+
+    Features are ranked by their largest per-axis distance from the center, each axis
+    scaled by its length, so the kept region is a box with the proportions of the map.
+    When ``count`` does not fill a whole box, the outermost ring is filled from the
+    features nearest to the center (Euclidean distance), then in row-major order. The
+    mask keeps exactly ``count`` features.
+
+    Parameters
+    ----------
+    shape
+        Map shape, for example ``(H, W)``.
+    count
+        Number of kept features, between 0 and the number of features.
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean mask of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        If ``count`` is outside ``[0, prod(shape)]`` or ``shape`` has a non-positive size.
+
+    Examples
+    --------
+    >>> from efmap.evaluate import centered_box
+    >>> centered_box((4, 4), 4).int()
+    tensor([[0, 0, 0, 0],
+            [0, 1, 1, 0],
+            [0, 1, 1, 0],
+            [0, 0, 0, 0]], dtype=torch.int32)
+    """
+    sizes = tuple(int(size) for size in shape)
+    if not sizes or any(size < 1 for size in sizes):
+        raise ValueError(f"Expected `shape` to hold positive sizes, but got {tuple(shape)}.")
+    total = math.prod(sizes)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
+        raise ValueError(f"Expected `count` between 0 and {total} for shape {sizes}, but got {count!r}.")
+
+    axes = torch.meshgrid(*(torch.arange(size, dtype=torch.float64) for size in sizes), indexing="ij")
+    scaled = [(axis - (size - 1) / 2).abs() / size for axis, size in zip(axes, sizes, strict=True)]
+    chebyshev = torch.stack(scaled).amax(dim=0).flatten()
+    euclidean = torch.stack(scaled).pow(2).sum(dim=0).flatten()
+    # Two stable sorts: the second key (Euclidean) first, then the primary key (per-axis maximum).
+    order = torch.sort(euclidean, stable=True).indices
+    order = order[torch.sort(chebyshev[order], stable=True).indices]
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[order[:count]] = True
+
+    return mask.reshape(sizes)
+
+
 def masked_accuracy(
     model: Model,
     inputs: torch.Tensor,
     labels: Sequence[int] | torch.Tensor,
     landmarks: Landmarks | torch.Tensor,
     *,
-    fill: Fill = 0.0,
+    fill: EvalFill = 0.0,
     num_random: int = 10,
     seed: int = 0,
     batch_size: int = 256,
     value_range: ValueRange = (-1.0, 1.0),
     output_fn: OutputFn | None = None,
 ) -> MaskedAccuracy:
-    """Measure how much accuracy the landmarks keep, and how much a random mask of the same size keeps.
+    """Measure how much accuracy the landmarks keep, against controls that keep or remove as many features.
 
-    The random masks are the honest control: if they keep as much accuracy as
-    the landmarks, the landmarks carry no special information.
+    Five accuracies are measured, with the same ``fill`` for every removed feature. They
+    are the accuracy on the full inputs, with only the landmarks kept, with the landmarks
+    removed (the inverse mask), with ``num_random`` random masks that keep as many
+    features, and with a centered box that keeps as many features. The random masks are
+    the honest control: if they keep as much accuracy as the landmarks, the landmarks
+    carry no special information. The box tells whether "the middle of the image" alone
+    would do as well.
 
     Parameters
     ----------
@@ -160,9 +237,11 @@ def masked_accuracy(
     labels
         True class per input, ``N`` integers.
     landmarks
-        :class:`~efmap.Landmarks` or a boolean mask of kept features, for example ``(H, W)``.
+        :class:`~efmap.landmarks.Landmarks` or a boolean mask of kept features, for example ``(H, W)``.
     fill
-        Value for removed features, as in :func:`~efmap.landmarks.apply_mask`. Default 0.0.
+        Value of removed features: a number (default 0.0), ``"reverse"``, ``"blur"`` or
+        :class:`~efmap.evaluate.fills.Blur`, ``"road"`` or :class:`~efmap.evaluate.fills.NoisyImputation`,
+        or a tensor; see :func:`~efmap.evaluate.fills.fill_removed`.
     num_random
         Number of random masks, each drawn uniformly among masks that keep the same number
         of features. Default 10.
@@ -171,7 +250,7 @@ def masked_accuracy(
     batch_size
         Inputs per forward pass.
     value_range
-        Input range, used by ``fill="reverse"``.
+        Input range, used by ``fill="reverse"`` and the imputation.
     output_fn
         Picks the class scores from a model that returns a tuple or dict.
 
@@ -182,30 +261,36 @@ def masked_accuracy(
 
     Raises
     ------
+    TypeError
+        If ``inputs`` is not floating point, the mask is not boolean or ``fill`` has an unknown type.
     ValueError
         If ``labels`` does not have one entry per input, the mask shape does not match the
-        inputs, or ``num_random`` is negative.
+        inputs, ``fill`` is invalid for these inputs, or ``num_random`` is negative.
 
     Examples
     --------
     >>> import torch, efmap
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
-    >>> images = torch.rand(8, 1, 2, 2) * 2 - 1
-    >>> keep = torch.tensor([[True, True], [False, False]])
-    >>> result = efmap.masked_accuracy(model, images, torch.zeros(8, dtype=torch.long), keep, num_random=3)
+    >>> inputs = torch.rand(6, 1, 2, 2) * 2 - 1
+    >>> mask = torch.tensor([[True, False], [False, False]])
+    >>> result = efmap.masked_accuracy(model, inputs, [0, 1, 0, 1, 0, 1], mask, num_random=3)
     >>> result.kept, result.total, result.random.shape
-    (2, 4, torch.Size([3]))
+    (1, 4, torch.Size([3]))
     """
     mask = landmarks.mask if isinstance(landmarks, Landmarks) else landmarks
     check_floating(inputs, "inputs")
     _as_labels(labels, inputs.shape[0])
-    apply_mask(inputs[:1], mask, fill, value_range=value_range)  # validates mask and fill before any forward pass
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"Expected `mask` to be a boolean tensor, but got {getattr(mask, 'dtype', type(mask))}.")
+    _check_mask_shape(inputs[:1], mask)
     if isinstance(num_random, bool) or not isinstance(num_random, int) or num_random < 0:
         raise ValueError(f"Expected `num_random` to be a non-negative integer, but got {num_random!r}.")
+    # Building the filler validates the fill and computes the blurred or reversed inputs once.
+    filler = Filler(inputs, fill, value_range=value_range, map_dims=mask.dim())
+    rows = torch.arange(inputs.shape[0])
 
     def score(kept: torch.Tensor) -> float:
-        masked = apply_mask(inputs, kept, fill, value_range=value_range)
-        return accuracy(model, masked, labels, batch_size=batch_size, output_fn=output_fn)
+        return accuracy(model, filler(rows, kept.to(inputs.device)), labels, batch_size=batch_size, output_fn=output_fn)
 
     kept = int(mask.sum())
     random_scores = []
@@ -222,6 +307,9 @@ def masked_accuracy(
         random=torch.tensor(random_scores, dtype=torch.float64),
         kept=kept,
         total=mask.numel(),
+        removed=score(~mask),
+        box=score(centered_box(tuple(mask.shape), kept)),
+        fill=describe_fill(fill),
     )
 
 
