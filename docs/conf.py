@@ -147,7 +147,7 @@ linkcheck_ignore = [r"https?://.*"]  # offline: only links inside the site are c
 
 
 # -- Completeness check: every public name appears in the API reference ---------------------------
-PUBLIC_MODULES = ("efmap", "efmap.reference")
+PUBLIC_MODULES = ("efmap", "efmap.evaluate", "efmap.reference")
 
 
 def _public_modules() -> list[str]:

@@ -1,4 +1,8 @@
-"""Evaluate efmap on real faces: masked accuracy with controls, deletion/insertion curves, ROAD, sanity check.
+"""
+Evaluate efmap on real faces
+============================
+
+Masked accuracy with controls, deletion/insertion curves, ROAD, sanity check.
 
 The data are the 200 grayscale 25x25 images that scikit-image bundles
 (``skimage.data.lfw_subset``): 100 faces and 100 non-face patches, split
@@ -53,7 +57,7 @@ MASK_ROWS = ("full input", "landmarks kept", "random masks", "centered box", "la
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--out", type=Path, default=Path("out/evaluate"), help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=2, help="number of seeds, for the spreads (default: %(default)s)")

@@ -79,7 +79,7 @@ for ax in axes:
 # %%
 # Accuracy with the landmarks only
 # --------------------------------
-# :func:`~efmap.evaluate.masked_accuracy` fills every pixel outside the mask
+# :func:`efmap.masked_accuracy` fills every pixel outside the mask
 # with 0, the middle of ``[-1, 1]``, and compares the test accuracy with that
 # of 10 random masks that keep as many pixels.
 report = efmap.masked_accuracy(model, data.x_test, data.y_test, landmarks, num_random=10)
