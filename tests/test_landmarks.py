@@ -94,3 +94,9 @@ def test_mask_shape_mismatch_names_both():
 def test_bad_fill_rejected():
     with pytest.raises(ValueError, match="'reverse'"):
         efmap.apply_mask(torch.zeros(1, 2, 2), torch.ones(2, 2, dtype=torch.bool), fill="blur-ish")
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf")])
+def test_non_finite_threshold_rejected(threshold):
+    with pytest.raises(ValueError, match="finite number"):
+        efmap.select_landmarks(torch.rand(3, 3), threshold=threshold)

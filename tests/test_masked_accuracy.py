@@ -52,3 +52,23 @@ def test_accuracy_counts_matches():
 def test_masked_accuracy_rejects_mismatch(labels, mask, match):
     with pytest.raises(ValueError, match=match):
         efmap.masked_accuracy(PixelSign().eval(), torch.zeros(3, 1, 4, 4), labels, mask)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "labels", "match"),
+    [
+        (torch.full((3, 1, 4, 4), 200.0), [0, 1, 1], r"value_range \[-1.0, 1.0\].*200"),
+        (torch.full((3, 1, 4, 4), float("nan")), [0, 1, 1], r"NaN"),
+        (torch.zeros(3, 1, 4, 4), [0, 1, 5], r"labels.*\[0, 1\].*but got 5"),
+    ],
+)
+def test_masked_accuracy_rejects_bad_values(inputs, labels, match):
+    with pytest.raises(ValueError, match=match):
+        efmap.masked_accuracy(PixelSign().eval(), inputs, labels, torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_table_without_random_masks():
+    inputs = torch.rand(4, 1, 4, 4) * 2 - 1
+    labels = (inputs[:, 0, 0, 0] > 0).long()
+    result = efmap.masked_accuracy(PixelSign().eval(), inputs, labels, torch.ones(4, 4, dtype=torch.bool), num_random=0)
+    assert "not measured" in result.table()

@@ -155,3 +155,11 @@ def test_overall_before_update_rejected():
 def test_bad_reduction_rejected():
     with pytest.raises(ValueError, match="'mean', 'max' or 'sum'"):
         efmap.HeatMapAccumulator("median")
+
+
+def test_single_map_with_many_labels_names_dims():
+    with pytest.raises(ValueError, match=r"create the accumulator with dims=1"):
+        efmap.HeatMapAccumulator().update(torch.rand(10, 6), torch.zeros(10, dtype=torch.int64))
+    tabular = efmap.HeatMapAccumulator(dims=1)
+    tabular.update(torch.rand(10, 6), torch.zeros(10, dtype=torch.int64))
+    assert tabular.counts == {0: 10}

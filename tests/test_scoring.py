@@ -476,3 +476,31 @@ def test_exported_program_module(small_cnn, images):
         result = efmap.explain(module, images, batch_size=8)
     torch.testing.assert_close(result.positive, efmap.explain(small_cnn, images).positive)
     assert module.training
+
+
+def test_tabular_batch_without_mask_names_fix():
+    model = torch.nn.Linear(6, 2).double().eval()
+    with pytest.raises(ValueError, match=r"\(1, 1, 10, 2\)") as caught:
+        efmap.explain(model, torch.rand(10, 6, dtype=torch.float64) * 2 - 1)
+    if hasattr(caught.value, "__notes__"):
+        assert "feature_mask=torch.arange(6)" in caught.value.__notes__[0]
+
+
+def test_numpy_target_and_mask_accepted(small_cnn, images):
+    np = pytest.importorskip("numpy")
+    reference = efmap.explain(small_cnn, images, score="target", target=1)
+    result = efmap.explain(small_cnn, images, score="target", target=np.int64(1))
+    torch.testing.assert_close(result.positive, reference.positive)
+    masked = efmap.explain(small_cnn, images, feature_mask=np.arange(30).reshape(6, 5))
+    torch.testing.assert_close(masked.positive, efmap.explain(small_cnn, images).positive)
+
+
+def test_inputs_requiring_grad_accepted(small_cnn, images):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = efmap.explain(small_cnn, images.clone().requires_grad_())
+    torch.testing.assert_close(result.positive, efmap.explain(small_cnn, images).positive)
+
+
+def test_empty_batch_rejected(small_cnn):
+    assert forward_free(small_cnn, torch.zeros(0, 3, 6, 5, dtype=torch.float64), r"at least one non-empty input") == []

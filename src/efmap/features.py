@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["FeatureLayout", "pixel_layout", "patch_layout", "mask_layout", "perturb_chunk"]
@@ -129,6 +130,8 @@ def mask_layout(feature_mask: torch.Tensor, input_shape: tuple[int, ...]) -> Fea
     >>> layout.num_features, layout.map_shape, layout.feature_ids
     (3, (4,), tensor([3, 7, 9]))
     """
+    if isinstance(feature_mask, np.ndarray):
+        feature_mask = torch.from_numpy(feature_mask)
     if not isinstance(feature_mask, torch.Tensor):
         raise TypeError(f"Expected `feature_mask` to be an integer torch.Tensor, but got {type(feature_mask).__name__}.")
     if feature_mask.is_floating_point() or feature_mask.is_complex() or feature_mask.dtype == torch.bool:

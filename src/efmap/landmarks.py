@@ -76,7 +76,8 @@ def select_landmarks(
     heatmap
         Floating tensor of any shape, usually a merged ``(H, W)`` map.
     keep_fraction
-        Keep the ``round(keep_fraction * numel)`` features with the largest values.
+        Keep the ``floor(keep_fraction * numel + 0.5)`` features with the largest values
+        (halves round up).
         Ties are broken in favour of the feature that comes first in row-major order,
         so the result is deterministic. A quantile ``q`` of the map is ``keep_fraction = 1 - q``.
     threshold
@@ -92,7 +93,8 @@ def select_landmarks(
     ------
     ValueError
         If not exactly one of ``keep_fraction`` and ``threshold`` is given, if
-        ``keep_fraction`` is outside ``[0, 1]``, or if the map contains NaN or infinity.
+        ``keep_fraction`` is outside ``[0, 1]``, if ``threshold`` is NaN or infinite, or if
+        the map contains NaN or infinity.
 
     Examples
     --------
@@ -108,6 +110,8 @@ def select_landmarks(
         raise ValueError("Pass exactly one of `keep_fraction` and `threshold`.")
 
     if threshold is not None:
+        if not math.isfinite(float(threshold)):
+            raise ValueError(f"Expected `threshold` to be a finite number, but got {threshold}.")
         return Landmarks(mask=heatmap > threshold)
 
     if not 0.0 <= float(keep_fraction) <= 1.0:  # type: ignore[arg-type]

@@ -82,6 +82,8 @@ class HeatMapAccumulator:
     def update(self, maps: torch.Tensor, labels: int | Sequence[int] | torch.Tensor) -> None:
         """Add a batch of maps ``(N, *map_shape)`` with one class label per map.
 
+        A tensor with exactly ``dims`` dimensions is read as one map with one label.
+
         Raises
         ------
         ValueError
@@ -90,6 +92,18 @@ class HeatMapAccumulator:
         """
         check_floating(maps, "maps")
         if maps.dim() == self.dims:
+            count = 1 if isinstance(labels, int) else int(torch.as_tensor(labels).numel())
+            if count != 1:
+                hint = (
+                    f" For a batch of {self.dims - 1}-dimensional maps, such as tabular maps (N, F), create the "
+                    f"accumulator with dims={self.dims - 1}."
+                    if self.dims > 1
+                    else ""
+                )
+                raise ValueError(
+                    f"Expected one label for a single map of shape {tuple(maps.shape)}, but got {count}: a tensor "
+                    f"with exactly dims={self.dims} dimensions is read as one map.{hint}"
+                )
             maps = maps.unsqueeze(0)
         if maps.dim() != self.dims + 1:
             raise ValueError(

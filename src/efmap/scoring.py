@@ -150,10 +150,13 @@ def explain(
     Raises
     ------
     TypeError
-        If the inputs are not floating point, or the model output is not a tensor of class scores.
+        If the inputs are not floating point, the model returns a tuple, dict or other non-tensor
+        without ``output_fn``, or ``target`` does not hold integers.
     ValueError
-        If the inputs contain NaN or infinity, lie outside ``value_range``, have an unsupported
-        shape, if ``target`` does not match the inputs or classes, or if an option is invalid.
+        If the inputs are empty, contain NaN or infinity, lie outside ``value_range`` or have an
+        unsupported shape; if the model output is not ``(N, K)`` or ``(N,)`` class scores with
+        one row per input; if ``target`` does not match the inputs or classes; or if an option
+        is invalid.
         Also with ``engine="incremental"`` for a model that the incremental engine does not support.
 
     Notes
@@ -161,6 +164,10 @@ def explain(
     With ``score="target"``, ``positive`` equals ``ReLU`` of Captum's ``FeatureAblation``
     with ``baselines=reverse(inputs)`` and the same features. A model in training mode is
     explained in eval mode and restored afterwards, also after an error.
+
+    For a model with a single output (one logit of a binary classifier), both readings track
+    that output, so the maps say what raises or lowers the positive class, and ``target`` is 0
+    even for inputs the model would call negative.
 
     Examples
     --------
@@ -181,9 +188,12 @@ def explain(
         raise ValueError(f"Expected `engine` to be 'auto', 'dense' or 'incremental', but got {engine!r}.")
     batch_size = check_batch_size(batch_size)
     lo_hi = check_value_range(value_range)
-    inputs = _as_tensor(inputs)
+    inputs = _as_tensor(inputs).detach()
     check_floating(inputs, "inputs")
+    shape_note = _shape_note(tuple(inputs.shape)) if feature_mask is None else ""
     inputs = _as_batch(inputs, image=feature_mask is None)
+    if inputs.shape[0] == 0 or inputs.numel() == 0:
+        raise ValueError(f"Expected at least one non-empty input, but got `inputs` of shape {tuple(inputs.shape)}.")
     check_finite(inputs, "inputs")
     check_in_range(inputs, "inputs", lo_hi, strict=check_range)
 
@@ -192,7 +202,7 @@ def explain(
     layout = _build_layout(inputs, patch_size, feature_mask)
 
     with evaluation_mode(model), torch.inference_mode():
-        clean = _clean_forward(model, inputs, output_fn, batch_size)
+        clean = _clean_forward(model, inputs, output_fn, batch_size, shape_note)
         targets = _resolve_target(target, clean)
         old = clean.max(dim=1).values if score == "max" else clean.gather(1, targets[:, None])[:, 0]
         reversed_inputs = reverse(inputs, lo_hi)
@@ -278,12 +288,23 @@ def _build_layout(inputs: torch.Tensor, patch_size: int | None, feature_mask: to
     return patch_layout(height, width, patch_size, inputs.dim() - 1, inputs.device)
 
 
-def _clean_forward(model: Model, inputs: torch.Tensor, output_fn: OutputFn | None, batch_size: int) -> torch.Tensor:
-    """Score the clean inputs, validating the model output and warning if the model is not deterministic."""
+def _clean_forward(
+    model: Model, inputs: torch.Tensor, output_fn: OutputFn | None, batch_size: int, shape_note: str = ""
+) -> torch.Tensor:
+    """Score the clean inputs, validating the model output and warning if the model is not deterministic.
+
+    ``shape_note`` says how an unbatched input was read; it is added to any error of the first
+    forward pass, since a misread shape is the usual cause.
+    """
     chunks = []
     for start in range(0, inputs.shape[0], batch_size):
         chunk = inputs[start : start + batch_size]
-        chunks.append(read_scores(model(chunk), output_fn, chunk.shape[0], check=True))
+        try:
+            chunks.append(read_scores(model(chunk), output_fn, chunk.shape[0], check=True))
+        except (TypeError, ValueError, RuntimeError) as error:
+            if shape_note and start == 0 and hasattr(error, "add_note"):
+                error.add_note(shape_note)
+            raise
     clean = torch.cat(chunks)
 
     # A second pass over the first chunk reveals dropout or other randomness left active in the model.
@@ -301,11 +322,28 @@ def _clean_forward(model: Model, inputs: torch.Tensor, output_fn: OutputFn | Non
     return clean
 
 
+def _shape_note(shape: tuple[int, ...]) -> str:
+    """Say how an unbatched image shape was read, for errors that a wrong reading can cause."""
+    if len(shape) == 2:
+        return (
+            f"Note: `inputs` of shape {shape} were read as one (H, W) grayscale image. For a batch of tabular "
+            f"rows (N, F) pass feature_mask=torch.arange({shape[1]})."
+        )
+    if len(shape) == 3:
+        return (
+            f"Note: `inputs` of shape {shape} were read as one (C, H, W) image. For a batch of grayscale "
+            "images (N, H, W) pass inputs.unsqueeze(1)."
+        )
+    return ""
+
+
 def _resolve_target(target: TargetType, clean: torch.Tensor) -> torch.Tensor:
     """Convert ``target`` to one class index per input, checked against the output classes."""
     count, num_classes = clean.shape
     if target is None:
         return clean.argmax(dim=1)
+    if isinstance(target, np.integer):
+        target = int(target)
     if isinstance(target, bool):
         raise TypeError(f"Expected `target` to be an int, a sequence or a tensor of class indices, but got {target!r}.")
     if isinstance(target, int):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from efmap._checks import check_batch_size, check_floating
+from efmap._checks import check_batch_size, check_finite, check_floating, check_in_range, check_value_range
 from efmap._model import OutputFn, evaluation_mode, model_device_dtype, read_scores
 from efmap._typing import Model, ValueRange
 from efmap.evaluate.fills import EvalFill, Filler, describe_fill
@@ -73,7 +73,7 @@ class MaskedAccuracy:
             ("landmarks only", f"{self.landmarks:.4f}", f"{self.kept}", f"{self.fraction:.4f}"),
             (
                 f"random masks (n={self.random.numel()})",
-                f"{self.random_mean:.4f} +/- {self.random_std:.4f}",
+                f"{self.random_mean:.4f} +/- {self.random_std:.4f}" if self.random.numel() else "not measured",
                 f"{self.kept}",
                 f"{self.fraction:.4f}",
             ),
@@ -124,7 +124,8 @@ def accuracy(
     TypeError
         If ``inputs`` is not floating point, ``labels`` are not integers, or the model output is not a tensor.
     ValueError
-        If ``labels`` does not have one entry per input or ``batch_size`` is not a positive integer.
+        If ``inputs`` contains NaN or infinity, ``labels`` does not have one entry per input or
+        names a class the model does not have, or ``batch_size`` is not a positive integer.
 
     Examples
     --------
@@ -136,6 +137,7 @@ def accuracy(
     0.6666666666666666
     """
     check_floating(inputs, "inputs")
+    check_finite(inputs, "inputs")
     label_tensor = _as_labels(labels, inputs.shape[0])
     batch_size = check_batch_size(batch_size)
     device, dtype = model_device_dtype(model)
@@ -145,6 +147,8 @@ def accuracy(
         for start in range(0, inputs.shape[0], batch_size):
             chunk = inputs[start : start + batch_size].to(device=device or inputs.device, dtype=dtype or inputs.dtype)
             scores = read_scores(model(chunk), output_fn, chunk.shape[0], check=start == 0)
+            if start == 0:
+                _check_label_range(label_tensor, scores.shape[1])
             predicted = scores.argmax(dim=1).cpu()
             correct += int((predicted == label_tensor[start : start + chunk.shape[0]]).sum())
     return correct / max(inputs.shape[0], 1)
@@ -279,6 +283,8 @@ def masked_accuracy(
     """
     mask = landmarks.mask if isinstance(landmarks, Landmarks) else landmarks
     check_floating(inputs, "inputs")
+    check_finite(inputs, "inputs")
+    check_in_range(inputs, "inputs", check_value_range(value_range), strict=False)
     _as_labels(labels, inputs.shape[0])
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"Expected `mask` to be a boolean tensor, but got {getattr(mask, 'dtype', type(mask))}.")
@@ -311,6 +317,14 @@ def masked_accuracy(
         box=score(centered_box(tuple(mask.shape), kept)),
         fill=describe_fill(fill),
     )
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(
+            f"Expected `labels` in [0, {num_classes - 1}] for a model with {num_classes} outputs, but got {bad}."
+        )
 
 
 def _as_labels(labels: Sequence[int] | torch.Tensor, count: int) -> torch.Tensor:
