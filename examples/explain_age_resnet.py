@@ -258,6 +258,12 @@ def merge_maps(
     return accumulator, records
 
 
+def describe_counts(counts: dict[int, int]) -> str:
+    """Describe how many maps were merged in total and per age group, e.g. ``"6 maps: 2 minor, 4 old"``."""
+    groups = ", ".join(f"{count} {GROUP_NAMES[group]}" for group, count in sorted(counts.items()))
+    return f"{sum(counts.values())} maps: {groups}"
+
+
 def draw_figure(
     path: Path,
     accumulator: efmap.HeatMapAccumulator,
@@ -378,9 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out / "merged.pt",
     )
     logger.info(
-        "Merged %d maps per group %s; landmarks keep %d of %d pixels (%.2f%%).",
-        len(records),
-        accumulator.counts,
+        "Merged %s; landmarks keep %d of %d pixels (%.2f%%).",
+        describe_counts(accumulator.counts),
         landmarks.count,
         landmarks.mask.numel(),
         100 * landmarks.fraction,

@@ -14,6 +14,8 @@ import torch
 
 import efmap
 from _dataset_worker import CHUNK_SIZE, NUM_IMAGES, build, run_options
+from efmap._checkpoint import model_digest
+from efmap._rundir import ResumeError
 
 WORKER = Path(__file__).with_name("_dataset_worker.py")
 SOURCE_ROOT = Path(efmap.__file__).resolve().parents[1]
@@ -162,9 +164,71 @@ def test_resume_rejected_for_changed_dataset_length(finished_run):
 
 def test_resume_rejection_lists_changed_options(finished_run):
     model, data = build()
-    options = {**run_options(), "chunk_size": 2, "patch_size": 2}
-    with pytest.raises(ValueError, match=r"chunk_size: 3 in the saved run, 2 now; patch_size: None .* 2 now"):
+    options = {**run_options(), "chunk_size": 2, "patch_size": 2, "batch_size": 5}
+    with pytest.raises(
+        ValueError, match=r"chunk_size: 3 in the saved run, 2 now; patch_size: None .* 2 now\)\."
+    ) as raised:
         efmap.explain_dataset(model, data, out_dir=finished_run, **options)
+    assert "batch_size" not in str(raised.value)
+
+
+def test_resume_rejection_is_a_resume_error(finished_run):
+    model, data = build()
+    with pytest.raises(
+        ResumeError, match=r"patch_size: None in the saved run, 2 now\)\. Pass overwrite=True"
+    ) as raised:
+        efmap.explain_dataset(model, data, out_dir=finished_run, **{**run_options(), "patch_size": 2})
+    assert raised.value.message("--overwrite", "--out").endswith(
+        "Pass --overwrite to discard it and start again, or choose another --out."
+    )
+
+
+class StopAfterImages(Exception):
+    """Raised from a progress callback to interrupt a run."""
+
+
+def test_resume_with_other_batch_size(tmp_path, reference):
+    model, data = build()
+
+    def stop(progress: efmap.RunProgress) -> None:
+        if progress.images_done >= 2 * CHUNK_SIZE:
+            raise StopAfterImages
+
+    with pytest.raises(StopAfterImages):
+        efmap.explain_dataset(model, data, out_dir=tmp_path, progress=stop, **run_options())
+    assert committed_blocks(tmp_path) == 2
+
+    result = efmap.explain_dataset(model, data, out_dir=tmp_path, **{**run_options(), "batch_size": 5})
+
+    assert result.images_explained == NUM_IMAGES - 2 * CHUNK_SIZE
+    # Batches of another size may round differently, so the resumed maps match up to float32 rounding.
+    np.testing.assert_allclose(np.load(tmp_path / "maps.npy"), np.load(reference / "maps.npy"), rtol=0, atol=1e-6)
+    assert (tmp_path / "targets.npy").read_bytes() == (reference / "targets.npy").read_bytes()
+
+
+def test_images_explained_counts_this_call(tmp_path):
+    model, data = build()
+    first = efmap.explain_dataset(model, data, out_dir=tmp_path, **run_options())
+    again = efmap.explain_dataset(model, data, out_dir=tmp_path, **run_options())
+    without_dir = efmap.explain_dataset(model, data, **{**run_options(), "store_maps": False})
+    assert (first.images_explained, again.images_explained, without_dir.images_explained) == (NUM_IMAGES, 0, NUM_IMAGES)
+
+
+def test_saved_accumulator_records_map_options(finished_run):
+    state = torch.load(finished_run / "accumulator.pt", weights_only=True)
+    options = state["run_options"]
+    model, _ = build()
+    assert options["model"] == model_digest(model)
+    assert options["input_shape"] == [1, 8, 8]
+    assert options["map_shape"] == [8, 8]
+    assert options["score"] == "max"
+    assert options["labels_from"] == "dataset"
+    assert options["value_range"] == [-1.0, 1.0]
+    assert options["patch_size"] is None
+    assert "batch_size" not in options
+    accumulator = efmap.HeatMapAccumulator(normalize="minmax")
+    accumulator.load_state_dict(state)
+    assert accumulator.counts == {0: 4, 1: 4, 2: 3}
 
 
 def test_resume_rejection_leaves_run_untouched(finished_run):

@@ -7,7 +7,8 @@ Layout of a run directory::
     targets.npy         explained class per image, int64 (N,), -1 until written
     labels.npy          data set label per image, int64 (N,), -1 where there is none
     maps.npy            positive map per image, float32 (N, *map_shape), only with store_maps
-    accumulator.pt      the merged accumulator state, written when the run finishes
+    accumulator.pt      the merged accumulator state, written when the run finishes; its "run_options"
+                        entry records the options that define the maps (see ``map_options``)
 
 A fresh start deletes ``run.json`` first and writes it last, so a directory
 with a ``run.json`` always has complete, preallocated stores.
@@ -41,7 +42,6 @@ FINGERPRINT_LABELS = {
     "score": "score",
     "target": "target",
     "labels_from": "labels_from",
-    "batch_size": "batch_size",
     "chunk_size": "chunk_size",
     "value_range": "value_range",
     "patch_size": "patch_size",
@@ -51,7 +51,43 @@ FINGERPRINT_LABELS = {
     "store_maps": "store_maps",
     "world_size": "world size (number of ranks)",
     "efmap_version": "efmap version",
+    "map_shape": "map shape",
 }
+
+#: Key of the saved accumulator state under which :func:`map_options` are stored.
+RUN_OPTIONS_KEY = "run_options"
+
+#: Fingerprint entries that define what the maps mean. Runs that differ in any of them must not be merged.
+MAP_KEYS = (
+    "model", "input_shape", "score", "target", "labels_from", "value_range", "patch_size", "feature_mask", "output_fn",
+)  # fmt: skip
+
+
+class ResumeError(ValueError):
+    """A run directory that cannot be resumed.
+
+    ``reason`` says why, without the fix. The fix names an option, which the
+    Python API and the command line spell differently, so :meth:`message`
+    builds it from the spelling of the caller.
+    """
+
+    def __init__(self, reason: str, *, other_dir: bool) -> None:
+        self.reason = reason
+        self.other_dir = other_dir
+        super().__init__(self.message("overwrite=True", "out_dir"))
+
+    def message(self, overwrite: str, out_dir: str) -> str:
+        """Return the message with the fix spelt as ``overwrite`` and ``out_dir``, e.g. ``"--overwrite"``."""
+        if self.other_dir:
+            return f"{self.reason} Pass {overwrite} to discard it and start again, or choose another {out_dir}."
+        return f"{self.reason} Pass {overwrite} to start the run again."
+
+
+def map_options(fingerprint: dict[str, Any], map_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Return the fingerprint entries that define the maps, and the map shape, for the saved accumulator."""
+    options = {key: fingerprint[key] for key in MAP_KEYS}
+    options["map_shape"] = list(map_shape)
+    return options
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -66,11 +102,12 @@ def describe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
         before, after = saved.get(key), current.get(key)
         if before != after:
             label = FINGERPRINT_LABELS.get(key, key)
-            differences.append(f"{label}: {_short(before)} in the saved run, {_short(after)} now")
+            differences.append(f"{label}: {short_repr(before)} in the saved run, {short_repr(after)} now")
     return differences
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """Return ``repr(value)``, with a SHA-256 hex digest cut to its first 12 characters."""
     # Hex digests are long; their first 12 characters identify them well enough in a message.
     if isinstance(value, str) and len(value) == 64:
         return repr(value[:12] + "...")
@@ -104,7 +141,7 @@ class RunDirectory:
 
         Raises
         ------
-        ValueError
+        ResumeError
             If the directory contains a run started with other arguments and ``overwrite`` is False.
         RuntimeError
             If rank 0 failed to prepare the directory, or another rank cannot see its files.
@@ -123,10 +160,11 @@ class RunDirectory:
             raise RuntimeError(f"Rank 0 failed to prepare the run directory {self.path}; see its error message.")
         if code == 1:
             differences = describe_differences(read_json(self.config)["fingerprint"], fingerprint)
-            raise ValueError(
+            raise ResumeError(
                 f"Cannot resume the run in {self.path}: it was started with other arguments ("
                 + "; ".join(differences)
-                + "). Pass overwrite=True to discard it and start again, or choose another out_dir."
+                + ").",
+                other_dir=True,
             )
         if not self.config.exists():
             raise RuntimeError(
@@ -150,9 +188,9 @@ class RunDirectory:
                 return 1
             for name in STORE_NAMES[: 3 if store_maps else 2]:
                 if not (self.path / name).exists():
-                    raise ValueError(
-                        f"Expected the run directory {self.path} to contain {name}, but it is missing. "
-                        "Pass overwrite=True to start the run again."
+                    raise ResumeError(
+                        f"Expected the run directory {self.path} to contain {name}, but it is missing.",
+                        other_dir=False,
                     )
             # No rank has started writing yet, so every temporary file left here belongs to a killed run.
             remove_temporaries(self.path)
@@ -186,9 +224,9 @@ class RunDirectory:
             return 0
         state = torch.load(self.state, weights_only=True)
         if not isinstance(state, dict) or state.get("fingerprint") != digest:
-            raise ValueError(
-                f"Expected {self.state} to be a checkpoint of this run, but its fingerprint differs. "
-                "Pass overwrite=True to start the run again."
+            raise ResumeError(
+                f"Expected {self.state} to be a checkpoint of this run, but its fingerprint differs.",
+                other_dir=False,
             )
         blocks_done = int(state["blocks_done"])
         if not 0 <= blocks_done <= num_blocks:

@@ -1,7 +1,8 @@
 """The ``efmap`` command: explain images with a saved model, merge runs, select landmarks.
 
 Exit codes: 0 on success, 2 for usage errors, 1 for failures. Every error is
-one line that names the file or value involved.
+one line that names the file or value involved; ``--debug`` shows the traceback
+instead. Exceptions that efmap does not expect are never turned into one line.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 
 from efmap._checkpoint import atomic_save, atomic_write_json
 from efmap._cli_io import (
+    ArrayImages,
     CliError,
     accumulator_from_state,
+    check_first_image,
     check_model_runs,
     grey_background,
     load_model,
@@ -29,6 +32,7 @@ from efmap._cli_io import (
     write_heatmap_png,
     write_mask_png,
 )
+from efmap._rundir import FINGERPRINT_LABELS, RUN_OPTIONS_KEY, ResumeError, short_repr
 from efmap._version import __version__
 from efmap.dataset import DEFAULT_CHUNK_SIZE, explain_dataset
 from efmap.landmarks import select_landmarks
@@ -67,12 +71,17 @@ def _add_explain(commands: Any) -> None:
     )
     explain.add_argument("model", metavar="MODEL", type=Path, help="TorchScript file or torch.export program (.pt2)")
     explain.add_argument(
-        "images", metavar="IMAGES", type=Path, help="an image file, a folder of images or a .npy array"
+        "images",
+        metavar="IMAGES",
+        type=Path,
+        help="an image file, a folder of images or a .npy array (N, C, H, W); an array (N, H, W, C) with C of 1 "
+        "or 3 is transposed, with a note",
     )
     explain.add_argument("--out", metavar="DIR", type=Path, required=True, help="output directory (required)")
     _add_scoring_options(explain.add_argument_group("scoring"))
     _add_image_options(explain.add_argument_group("images"))
     _add_run_options(explain.add_argument_group("run"))
+    _add_debug(explain)
     explain.set_defaults(run=_explain, parser=explain)
 
 
@@ -172,12 +181,21 @@ def _add_run_options(group: Any) -> None:
     )
 
 
+def _add_debug(command: Any) -> None:
+    command.add_argument(
+        "--debug",
+        action="store_true",
+        help="on a failure, show the Python traceback instead of a one-line error (default: one line)",
+    )
+
+
 def _add_merge(commands: Any) -> None:
     merge = commands.add_parser(
         "merge",
         help="combine the accumulators of several runs",
         description="Combine the accumulator states of several runs, for example from different machines, into "
-        "one. Writes accumulator.pt, maps.npz, PNG pictures and summary.json to --out.",
+        "one. Runs of another model or with other options (score, target, value range, patch size, image or map "
+        "shape) are rejected. Writes accumulator.pt, maps.npz, PNG pictures and summary.json to --out.",
     )
     merge.add_argument(
         "inputs",
@@ -187,6 +205,7 @@ def _add_merge(commands: Any) -> None:
         help="accumulator state (.pt) or run directory that contains accumulator.pt",
     )
     merge.add_argument("--out", metavar="DIR", type=Path, required=True, help="output directory (required)")
+    _add_debug(merge)
     merge.set_defaults(run=_merge, parser=merge)
 
 
@@ -231,6 +250,7 @@ def _add_landmarks(commands: Any) -> None:
         help="build the overall map with every class weighing the same (classes) or every input (inputs) "
         "(default: classes)",
     )
+    _add_debug(landmarks)
     landmarks.set_defaults(run=_landmarks, parser=landmarks)
 
 
@@ -275,7 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (CliError, ValueError, TypeError, OSError) as error:
-        message = " ".join(str(error).split())
+        if args.debug:
+            raise
+        # The Python API names the fix overwrite=True and out_dir; here they are --overwrite and --out.
+        text = error.message("--overwrite", "--out") if isinstance(error, ResumeError) else str(error)
+        message = " ".join(text.split())
         print(f"efmap {args.command}: error: {message}", file=sys.stderr)
         return 1
     return 0
@@ -320,7 +344,17 @@ def _explain_images(args: argparse.Namespace, started: float) -> None:
     value_range = (args.value_range[0], args.value_range[1])
     size = None if args.resize is None else (args.resize[0], args.resize[1])
     images, names = open_images(args.images, mode=args.mode, size=size, value_range=value_range)
-    check_model_runs(model, images[0].to(device))
+    if rank == 0 and isinstance(images, ArrayImages) and images.channels_last:
+        shape = images.array.shape
+        print(
+            f"efmap explain: note: {args.images} has shape {shape}, read as channels-last (N, H, W, C) and "
+            f"transposed to (N, C, H, W) = {(shape[0], shape[3], shape[1], shape[2])}.",
+            file=sys.stderr,
+        )
+    first = images[0]
+    if not args.no_range_check:
+        check_first_image(first, value_range, args.images)
+    check_model_runs(model, first.to(device), args.batch_size)
 
     result = explain_dataset(
         model,
@@ -347,15 +381,15 @@ def _explain_images(args: argparse.Namespace, started: float) -> None:
         background = grey_background(images[index], value_range)
         written += write_heatmap_png(result.maps[index], args.out / "overlays" / f"{index:05d}.png", background)
     seconds = time.perf_counter() - started
-    passes = len(names) * result.num_features
     summary = {
         "efmap_version": __version__,
         "model": str(args.model),
         "images": str(args.images),
         "num_images": len(names),
+        "images_explained": result.images_explained,
         "map_shape": list(result.maps.shape[1:]),
         "num_features": result.num_features,
-        "forward_passes": passes,
+        "forward_passes": len(names) * result.num_features,
         "seconds": round(seconds, 3),
         "options": {
             "score": args.score,
@@ -371,7 +405,17 @@ def _explain_images(args: argparse.Namespace, started: float) -> None:
         "per_image": [{"name": name, "target": int(t)} for name, t in zip(names, result.targets, strict=True)],
     }
     atomic_write_json(summary, args.out / "summary.json")
-    print(f"Explained {len(names)} image(s), {passes} forward passes, in {seconds:.1f} s; results in {args.out}")
+    print(_explain_report(len(names), result.images_explained, result.num_features, seconds, args.out))
+
+
+def _explain_report(num_images: int, explained: int, num_features: int, seconds: float, out: Path) -> str:
+    """Return the closing line of ``efmap explain``, which states how much of the run this call did."""
+    if explained == 0:
+        return f"The run in {out} was already complete ({num_images} image(s)); nothing was explained again."
+    resumed = num_images - explained
+    earlier = f" (the other {resumed} were done by an earlier, interrupted run)" if resumed else ""
+    passes = explained * num_features
+    return f"Explained {explained} image(s){earlier}, {passes} forward passes, in {seconds:.1f} s; results in {out}"
 
 
 def _join_process_group(device_name: str) -> bool:
@@ -392,22 +436,24 @@ def _rank_device(device_name: str) -> torch.device:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    merged: HeatMapAccumulator | None = None
-    for path in args.inputs:
-        accumulator = accumulator_from_state(load_state(path), path)
-        if merged is None:
-            merged = accumulator
-            continue
+    states = [load_state(path) for path in args.inputs]
+    first = args.inputs[0]
+    recorded = [state.get(RUN_OPTIONS_KEY) for state in states]
+    options = _common_run_options(args.inputs, recorded)
+    merged = accumulator_from_state(states[0], first)
+    for path, state in zip(args.inputs[1:], states[1:], strict=True):
         try:
-            merged.merge(accumulator)
+            merged.merge(accumulator_from_state(state, path))
         except ValueError as error:
-            raise CliError(f"Cannot merge {path} with {args.inputs[0]}: {error}") from None
-    assert merged is not None  # argparse requires at least one input
+            raise CliError(f"Cannot merge {path} with {first}: {error}") from None
     if not merged.counts:
         raise CliError(f"The accumulator states {', '.join(map(str, args.inputs))} contain no maps.")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_save(merged.state_dict(), args.out / "accumulator.pt")
+    state = merged.state_dict()
+    if options is not None:
+        state[RUN_OPTIONS_KEY] = options
+    atomic_save(state, args.out / "accumulator.pt")
     _write_maps(args.out, merged)
     written = _write_class_pictures(args.out, merged)
     summary = {
@@ -417,7 +463,40 @@ def _merge(args: argparse.Namespace) -> None:
         "pictures_written": written,
     }
     atomic_write_json(summary, args.out / "summary.json")
+    unchecked = [str(path) for path, entry in zip(args.inputs, recorded, strict=True) if not isinstance(entry, dict)]
+    if unchecked and len(args.inputs) > 1:
+        print(
+            f"efmap merge: note: {', '.join(unchecked)} record(s) no run options, so the model and options of the "
+            "runs were not compared.",
+            file=sys.stderr,
+        )
     print(f"Merged {len(args.inputs)} state(s), {sum(merged.counts.values())} map(s); results in {args.out}")
+
+
+def _common_run_options(paths: list[Path], recorded: list[Any]) -> dict[str, Any] | None:
+    """Return the run options that every state records, rejecting states whose options differ.
+
+    Returns None when some state records none (one saved by ``HeatMapAccumulator.state_dict()``
+    or by an older efmap), because its options cannot be checked.
+    """
+    checked = [(path, options) for path, options in zip(paths, recorded, strict=True) if isinstance(options, dict)]
+    if not checked:
+        return None
+    first_path, first = checked[0]
+    for path, options in checked[1:]:
+        differences = [
+            f"{FINGERPRINT_LABELS.get(key, key)}: {short_repr(first.get(key))} in {first_path}, "
+            f"{short_repr(options.get(key))} in {path}"
+            for key in dict.fromkeys([*first, *options])
+            if first.get(key) != options.get(key)
+        ]
+        if differences:
+            raise CliError(
+                f"Cannot merge {path} with {first_path}: the runs were made with different options ("
+                + "; ".join(differences)
+                + "). Merge only runs of the same model, images and options."
+            )
+    return first if len(checked) == len(paths) else None
 
 
 def _landmarks(args: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ from efmap._checks import check_batch_size, check_value_range
 from efmap._datasource import DataProbe, DataSource, label_rows, probe_data, resolve_source, split_batch
 from efmap._distributed import barrier, first_disagreeing_rank, rank_and_world, reduce_accumulator, reduce_rows
 from efmap._model import OutputFn, evaluation_mode
-from efmap._rundir import RunDirectory, fingerprint_digest
+from efmap._rundir import RUN_OPTIONS_KEY, RunDirectory, fingerprint_digest, map_options
 from efmap._typing import Model, Reduction, ScoreMode, ValueRange
 from efmap._version import __version__
 from efmap._warnings import EfmapWarning
@@ -93,6 +93,9 @@ class DatasetExplanation:
         Number of features scored per input.
     out_dir
         The run directory, or None.
+    images_explained
+        Inputs explained by this call, summed over ranks. The other ``N - images_explained`` were
+        loaded from the checkpoints in ``out_dir``, so 0 means that the run was already complete.
     """
 
     accumulator: HeatMapAccumulator
@@ -101,6 +104,7 @@ class DatasetExplanation:
     maps: np.ndarray | None
     num_features: int
     out_dir: Path | None
+    images_explained: int
 
     def class_maps(self) -> dict[int, torch.Tensor]:
         """Return the merged map of every class, keyed by class, as float64."""
@@ -221,8 +225,14 @@ def explain_dataset(
     at any moment and restarted with the same arguments ends with bit-identical merged maps and
     stores. The fingerprint that must match covers a SHA-256 of the model's ``state_dict``, the data
     set length, a SHA-256 of the first input and every option that affects the result, the number
-    of ranks included. Forward passes must be deterministic: on a GPU, set
-    ``torch.use_deterministic_algorithms(True)``.
+    of ranks included. ``batch_size``, ``progress`` and ``check_range`` are not part of it, so a run
+    may resume with another batch size (a forward pass on a batch of another size can round
+    differently, so maps explained after the change may differ in the last bits). Forward passes
+    must be deterministic: on a GPU, set ``torch.use_deterministic_algorithms(True)``.
+
+    The saved ``out_dir/accumulator.pt`` also holds, under ``"run_options"``, the options that define
+    the maps (model SHA-256, input and map shape, score, target, labels_from, value_range,
+    patch_size, feature_mask, output_fn), so that ``efmap merge`` can reject unrelated runs.
 
     **Distributed runs.** When a ``torch.distributed`` process group is initialised (for example by
     ``torchrun``), rank ``r`` explains chunks ``r, r + W, r + 2W, ...`` of the ``W`` ranks, writing its
@@ -289,6 +299,7 @@ def explain_dataset(
 
     sizes = [len(_block_range(block, options.chunk_size, source.length)) for block in blocks]
     meter = _Meter(progress, rank, sum(sizes), sum(sizes[:blocks_done]), probe.num_features)
+    explained_here = sum(sizes[blocks_done:])
     try:
         with evaluation_mode(model):
             for position, block, batch in _pending(source, options, blocks, blocks_done):
@@ -301,7 +312,8 @@ def explain_dataset(
     finally:
         meter.close()
 
-    return _finish(accumulator, probe, run, options, (targets, labels, maps))
+    saved_options = map_options(fingerprint, probe.map_shape)
+    return _finish(accumulator, probe, run, options, (targets, labels, maps), saved_options, explained_here)
 
 
 def _check_options(
@@ -374,7 +386,6 @@ def _fingerprint(
         "score": options.score,
         "target": options.target,
         "labels_from": options.labels_from,
-        "batch_size": options.batch_size,
         "chunk_size": options.chunk_size,
         "value_range": list(options.value_range),
         "patch_size": options.patch_size,
@@ -385,6 +396,13 @@ def _fingerprint(
         "world_size": world_size,
         "efmap_version": __version__,
     }
+
+
+def _sum_over_ranks(count: int, rank: int, world_size: int) -> int:
+    # Each rank fills its own row and MAX-reduction over rows that are -1 elsewhere collects them all.
+    rows = np.full(world_size, -1, dtype=np.int64)
+    rows[rank] = count
+    return int(reduce_rows(rows, -1).sum())
 
 
 def _block_range(block: int, chunk_size: int, length: int) -> range:
@@ -471,9 +489,13 @@ def _finish(
     run: RunDirectory | None,
     options: _Options,
     stores: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    saved_options: dict[str, Any],
+    explained_here: int,
 ) -> DatasetExplanation:
-    """Reduce the accumulators across ranks, save the result and reopen the stores read-only."""
+    """Reduce the accumulators and counts across ranks, save the result and reopen the stores read-only."""
     merged = reduce_accumulator(accumulator, probe.map_shape)
+    rank, world_size = rank_and_world()
+    images_explained = _sum_over_ranks(explained_here, rank, world_size)
     targets, labels, maps = stores
     if run is None:
         targets = reduce_rows(targets, -1)
@@ -482,7 +504,7 @@ def _finish(
         _flush(targets, labels, maps)
         del targets, labels, maps
         if run.rank == 0:
-            atomic_save(merged.state_dict(), run.result)
+            atomic_save({**merged.state_dict(), RUN_OPTIONS_KEY: saved_options}, run.result)
         barrier()
         targets, labels, maps = run.open_stores(writable=False, store_maps=options.store_maps)
     return DatasetExplanation(
@@ -492,6 +514,7 @@ def _finish(
         maps=maps,
         num_features=probe.num_features,
         out_dir=None if run is None else run.path,
+        images_explained=images_explained,
     )
 
 
