@@ -8,6 +8,7 @@ landmarks.
 
 from efmap._version import __version__
 from efmap._warnings import EfmapWarning
+from efmap.coarse_to_fine import RefinedExplanation, explain_coarse_to_fine
 from efmap.evaluate import MaskedAccuracy, accuracy, masked_accuracy
 from efmap.landmarks import Landmarks, apply_mask, select_landmarks
 from efmap.merge import HeatMapAccumulator
@@ -21,10 +22,12 @@ __all__ = [
     "HeatMapAccumulator",
     "Landmarks",
     "MaskedAccuracy",
+    "RefinedExplanation",
     "__version__",
     "accuracy",
     "apply_mask",
     "explain",
+    "explain_coarse_to_fine",
     "masked_accuracy",
     "minmax",
     "quantize",
