@@ -36,3 +36,10 @@ def lint(session: nox.Session) -> None:
     install(session, "dev")
     session.run("ruff", "check", "src", "tests", "examples")
     session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Time efmap.explain against raw forward passes, Captum and a naive loop; rewrites docs/benchmarks.rst."""
+    install(session, "test")
+    session.run("python", "benchmarks/bench.py", *session.posargs)

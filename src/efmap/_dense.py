@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from efmap._model import OutputFn, read_scores
@@ -43,6 +44,13 @@ PROBE_FIRST_BATCH = 8
 PROBE_MAX_BATCH = 4096
 #: ... and at most this many bytes of perturbed inputs per batch.
 PROBE_MAX_BATCH_BYTES = 64 * 2**20
+#: Chunks shorter than this are dominated by the fixed cost per chunk (tens of microseconds of
+#: Python and dispatch), so the probe grows the batch faster and settles on a larger one.
+PROBE_MIN_CHUNK_SECONDS = 0.004
+#: Each setting is timed on at least two chunks, and on up to this many while their total time is
+#: below ``PROBE_MIN_TIMED_SECONDS``.
+PROBE_MAX_TIMED_CHUNKS = 6
+PROBE_MIN_TIMED_SECONDS = 0.02
 #: A batch size whose throughput is below this share of the best seen ends the search upwards.
 PROBE_STOP_SHARE = 0.9
 #: Among measured batch sizes, the smallest one within this share of the best throughput is chosen.
@@ -116,40 +124,43 @@ class FeatureElements:
 
     ``key = m * F + f`` names feature ``f`` of layout row ``m`` (``m`` is 0 when
     one layout serves every input). Positions are flat, logical (row-major)
-    offsets inside one input. When every feature has the same number of
-    elements they are also kept as a matrix ``(keys, count)``, which saves a
-    few operations per chunk.
+    offsets inside one input, sorted by key: feature ``key`` owns
+    ``positions[offsets[key] : offsets[key] + counts[key]]``. Index arithmetic
+    runs in NumPy, whose calls cost far less than PyTorch's on arrays this small.
     """
 
     def __init__(self, layout: FeatureLayout, sample_shape: tuple[int, ...]) -> None:
         rows = layout.index.shape[0]
-        index = layout.index.to("cpu").expand(rows, *sample_shape).reshape(rows, -1)
+        index = layout.index.to("cpu").expand(rows, *sample_shape).reshape(rows, -1).numpy()
         self.num_features = layout.num_features
         self.per_input = rows > 1
         self.sample_size = index.shape[1]
 
         valid = index >= 0
-        keys = (torch.arange(rows)[:, None] * self.num_features + index)[valid]
-        positions = torch.arange(self.sample_size).expand(rows, -1)[valid]
-        order = torch.argsort(keys, stable=True)
+        keys = (np.arange(rows)[:, None] * self.num_features + index)[valid]
+        positions = np.broadcast_to(np.arange(self.sample_size), index.shape)[valid]
+        order = np.argsort(keys, kind="stable")
         self.positions = positions[order]
-        self.counts = torch.bincount(keys, minlength=rows * self.num_features)
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts
-        width = int(self.counts[0]) if self.counts.numel() else 0
-        uniform = width > 0 and bool((self.counts == width).all())
-        self.matrix = self.positions.reshape(-1, width) if uniform else None
+        self.counts = np.bincount(keys, minlength=rows * self.num_features)
+        self.offsets = np.cumsum(self.counts) - self.counts
+        width = int(self.counts[0]) if self.counts.size else 0
+        #: Every feature has ``width`` elements, so positions also form a ``(keys, width)`` matrix.
+        self.uniform = width > 0 and bool((self.counts == width).all())
 
-    def select(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(slot, position)`` for every element of the features ``keys``; ``slot`` indexes ``keys``."""
-        if self.matrix is not None:
-            positions = self.matrix[keys]
-            slots = torch.arange(keys.shape[0])[:, None].expand_as(positions)
-            return slots.reshape(-1), positions.reshape(-1)
+    def select(self, keys: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(slot, position)`` for every element of the features ``keys``; ``slot`` indexes ``keys``.
+
+        ``positions`` is :attr:`positions`, or the same positions mapped to another memory format.
+        """
+        if self.uniform:
+            selected = positions.reshape(self.counts.size, -1)[keys]
+            slots = np.repeat(np.arange(keys.size), selected.shape[1])
+            return slots, selected.reshape(-1)
         lengths = self.counts[keys]
-        slots = torch.repeat_interleave(torch.arange(keys.shape[0]), lengths)
+        slots = np.repeat(np.arange(keys.size), lengths)
         # Element j of the output belongs to slot s and is element j - first_output[s] of that feature.
-        shift = self.offsets[keys] - (torch.cumsum(lengths, 0) - lengths)
-        return slots, self.positions[torch.arange(slots.shape[0]) + shift[slots]]
+        shift = self.offsets[keys] - (np.cumsum(lengths) - lengths)
+        return slots, positions[np.arange(slots.size) + shift[slots]]
 
 
 class PerturbationBuffer:
@@ -159,6 +170,10 @@ class PerturbationBuffer:
     the view is valid until the next call. Rows are copied from the clean
     inputs only when a row moves to another input, or after the model wrote
     into its input (detected through the buffer's version counter).
+
+    All element offsets are storage offsets in the buffer's memory format, and
+    the clean and reversed inputs are kept in the same order, so one offset
+    serves both as destination and as source.
     """
 
     def __init__(
@@ -169,58 +184,67 @@ class PerturbationBuffer:
         capacity: int,
         memory_format: torch.memory_format,
     ) -> None:
-        self.inputs = inputs
         self.elements = elements
         self.capacity = capacity
         self.memory_format = memory_format
-        self.clean_flat = inputs.reshape(-1)
-        self.reversed_flat = reversed_inputs.reshape(-1)
-        self.physical = _physical_offsets(tuple(inputs.shape[1:]), memory_format)
+        self.sample_size = elements.sample_size
+        self.clean_rows = _storage_rows(inputs, memory_format)
+        self.reversed_rows = _storage_rows(reversed_inputs, memory_format)
+        physical = _physical_offsets(tuple(inputs.shape[1:]), memory_format)
+        self.positions = elements.positions if physical is None else physical[elements.positions]
         # A normal (non-inference) tensor keeps a version counter even inside inference mode,
         # and that counter reveals a model that modifies its input in place.
         with torch.inference_mode(False):
             self.buffer = torch.empty(
                 (capacity, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device, memory_format=memory_format
             )
-            self.flat = self.buffer.as_strided((self.buffer.numel(),), (1,))
-        self.row_input = torch.full((capacity,), -1, dtype=torch.int64)
+            self.rows = self.buffer.as_strided((capacity, self.sample_size), (self.sample_size, 1))
+        self.row_input = np.full(capacity, -1, dtype=np.int64)
         self.written: tuple[torch.Tensor, torch.Tensor] | None = None
         self.version = self.buffer._version
 
     def fill(self, start: int, stop: int) -> torch.Tensor:
         """Build copies ``start .. stop - 1`` of the flattened (input, feature) grid and return them."""
         count = stop - start
-        grid = torch.arange(start, stop)
+        grid = np.arange(start, stop)
         samples = grid // self.elements.num_features
-        features = grid % self.elements.num_features
+
+        if self.buffer._version != self.version:
+            # The model wrote into its input: every row is rebuilt from the clean inputs.
+            logger.debug("The model modified its input in place; perturbed rows are rebuilt from the clean inputs.")
+            self.row_input[:] = -1
+            self.written = None
+        moved = np.flatnonzero(self.row_input[:count] != samples)
+        if moved.size == count:
+            # Every row is copied again below, so the last chunk's reversed elements need no restoring.
+            self.row_input[count:] = -1
+            self.written = None
         self._restore()
+        if moved.size:
+            # Rows between the first and the last moved one are all clean now, so copying them again is harmless.
+            low, high = int(moved[0]), int(moved[-1]) + 1
+            indices = self._to_device(samples[low:high])
+            torch.index_select(self.clean_rows, 0, indices, out=self.rows[low:high])
+            self.row_input[low:high] = samples[low:high]
 
-        moved = (self.row_input[:count] != samples).nonzero()[:, 0]
-        if moved.numel():
-            self.buffer[moved.to(self.buffer.device)] = self.inputs[samples[moved].to(self.buffer.device)]
-            self.row_input[moved] = samples[moved]
-
-        keys = samples * self.elements.num_features + features if self.elements.per_input else features
-        slots, positions = self.elements.select(keys)
-        size = self.elements.sample_size
-        physical = positions if self.physical is None else self.physical[positions]
-        target = (slots * size + physical).to(self.buffer.device)
-        source = (samples[slots] * size + positions).to(self.buffer.device)
-        self.flat[target] = self.reversed_flat[source]
-        self.written = (target, source)
+        keys = grid if self.elements.per_input else grid - samples * self.elements.num_features
+        slots, positions = self.elements.select(keys, self.positions)
+        offsets = self._to_device(slots * self.sample_size + positions)
+        sources = self._to_device(samples[slots] * self.sample_size + positions)
+        self.rows.put_(offsets, self.reversed_rows.take(sources))
+        self.written = (offsets, sources)
         self.version = self.buffer._version
         return self.buffer[:count]
 
     def _restore(self) -> None:
         """Write the clean values back where the last chunk was reversed."""
-        if self.buffer._version != self.version:
-            # The model wrote into its input: every row is rebuilt from the clean inputs.
-            logger.debug("The model modified its input in place; perturbed rows are rebuilt for every chunk.")
-            self.row_input.fill_(-1)
-        elif self.written is not None:
-            target, source = self.written
-            self.flat[target] = self.clean_flat[source]
-        self.written = None
+        if self.written is not None:
+            offsets, sources = self.written
+            self.rows.put_(offsets, self.clean_rows.take(sources))
+            self.written = None
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.buffer.device)
 
 
 @dataclass(frozen=True)
@@ -317,8 +341,11 @@ def _probe(runner: _Runner, formats: list[torch.memory_format], largest: int) ->
     Memory formats are compared at a small batch; then, in the faster format,
     the batch doubles until the throughput drops clearly, the memory cap or the
     probe's share of the work is reached, or the device runs out of memory.
-    Each setting runs three chunks and keeps the faster of the last two (the
-    first call at a new shape pays one-off setup costs).
+    Each setting runs one untimed chunk (the first call at a new shape pays
+    one-off setup costs) and keeps the fastest of the timed ones. While chunks take less
+    than ``PROBE_MIN_CHUNK_SECONDS`` the batch grows up to eightfold per step,
+    and if the search ends on the budget with chunks still that short, the
+    chosen batch is scaled up in the same way without being measured.
     """
     budget = int(runner.total * PROBE_FRACTION)
     first = max(1, min(PROBE_FIRST_BATCH, largest, budget // (3 * len(formats))))
@@ -326,7 +353,7 @@ def _probe(runner: _Runner, formats: list[torch.memory_format], largest: int) ->
     rates: dict[torch.memory_format, float] = {}
     while not rates:
         for memory_format in formats:
-            rate = _measure(runner, first, memory_format, optional=memory_format is not formats[0])
+            rate = _measure(runner, first, memory_format, budget, optional=memory_format is not formats[0])
             if rate is not None:
                 rates[memory_format] = rate
         if not rates:
@@ -335,31 +362,55 @@ def _probe(runner: _Runner, formats: list[torch.memory_format], largest: int) ->
     memory_format = max(rates, key=rates.__getitem__)
 
     measured = {first: rates[memory_format]}
-    batch_size = first * 2
-    while batch_size <= largest and runner.cursor + 3 * batch_size <= budget:
-        rate = _measure(runner, batch_size, memory_format, optional=False)
-        if rate is None:
+    batch_size = min(largest, first * _growth(first / rates[memory_format]))
+    limited_by_speed = False
+    while batch_size > max(measured) and runner.cursor + 3 * batch_size <= budget:
+        rate = _measure(runner, batch_size, memory_format, budget, optional=False)
+        if rate is None or rate < PROBE_STOP_SHARE * max(measured.values()):
+            limited_by_speed = True
+            if rate is not None:
+                measured[batch_size] = rate
             break
         measured[batch_size] = rate
-        if rate < PROBE_STOP_SHARE * max(measured.values()):
-            break
-        batch_size *= 2
+        batch_size = min(largest, batch_size * _growth(batch_size / rate))
 
     best = max(measured.values())
     chosen = min(size for size, rate in measured.items() if rate >= PROBE_CHOOSE_SHARE * best)
+    rate = measured[chosen]
     logger.debug(
         "Probe throughput in passes/s: formats %s, batch sizes %s.",
         {_format_name(f): round(r) for f, r in rates.items()},
         {size: round(rate) for size, rate in measured.items()},
     )
-    return _Plan(chosen, memory_format, measured[chosen])
+    if not limited_by_speed and chosen / rate < PROBE_MIN_CHUNK_SECONDS:
+        # The search stopped at the probe's share of the work while chunks were still short: larger
+        # batches can only cut the per-chunk cost. The measured rate stays as a conservative estimate.
+        chosen = min(largest, chosen * _growth(chosen / rate))
+    return _Plan(chosen, memory_format, rate)
 
 
-def _measure(runner: _Runner, batch_size: int, memory_format: torch.memory_format, *, optional: bool) -> float | None:
+def _growth(chunk_seconds: float) -> int:
+    """Return the factor for the next batch size: 2, or up to 8 while chunks are short."""
+    if chunk_seconds >= PROBE_MIN_CHUNK_SECONDS:
+        return 2
+    return int(min(8, max(2, 2 ** math.ceil(math.log2(PROBE_MIN_CHUNK_SECONDS / max(chunk_seconds, 1e-9))))))
+
+
+def _measure(
+    runner: _Runner, batch_size: int, memory_format: torch.memory_format, budget: int, *, optional: bool
+) -> float | None:
     """Return the throughput in copies per second, or None if this setting ran out of memory or failed."""
     try:
         runner.use(batch_size, memory_format)
-        times = [runner.step(batch_size) for _ in range(3)]
+        runner.step(batch_size)
+        times = [runner.step(batch_size), runner.step(batch_size)]
+        # Short chunks are timed a few more times, since one scheduler hiccup can exceed their whole duration.
+        while (
+            sum(times) < PROBE_MIN_TIMED_SECONDS
+            and len(times) < PROBE_MAX_TIMED_CHUNKS
+            and runner.cursor + batch_size <= budget
+        ):
+            times.append(runner.step(batch_size))
     except torch.OutOfMemoryError:
         if batch_size == 1:
             raise
@@ -372,7 +423,7 @@ def _measure(runner: _Runner, batch_size: int, memory_format: torch.memory_forma
         logger.info("The model failed on %s inputs, which are not used: %s", _format_name(memory_format), error)
         runner.release()
         return None
-    return batch_size / max(min(times[1:]), 1e-9)
+    return batch_size / max(min(times), 1e-9)
 
 
 def _candidate_formats(model: Model, inputs: torch.Tensor) -> list[torch.memory_format]:
@@ -401,15 +452,22 @@ def _input_memory_format(inputs: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _physical_offsets(sample_shape: tuple[int, ...], memory_format: torch.memory_format) -> torch.Tensor | None:
+def _storage_rows(inputs: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """Return ``(N, size)`` rows that hold each input's elements in the storage order of ``memory_format``."""
+    stored = inputs.contiguous(memory_format=memory_format)
+    size = stored[0].numel()
+    return stored.as_strided((stored.shape[0], size), (size, 1))
+
+
+def _physical_offsets(sample_shape: tuple[int, ...], memory_format: torch.memory_format) -> np.ndarray | None:
     """Map logical element offsets of one input to storage offsets in ``memory_format``; None for row-major."""
     if memory_format == torch.contiguous_format:
         return None
     size = math.prod(sample_shape)
     logical = torch.arange(size).reshape(1, *sample_shape).contiguous(memory_format=memory_format)
-    stored = logical.as_strided((size,), (1,))
-    physical = torch.empty(size, dtype=torch.int64)
-    physical[stored] = torch.arange(size)
+    stored = logical.as_strided((size,), (1,)).numpy()
+    physical = np.empty(size, dtype=np.int64)
+    physical[stored] = np.arange(size)
     return physical
 
 

@@ -182,7 +182,9 @@ def _refined_pixels(coarse: Explanation, patches: torch.Tensor, keep_fraction: f
 
 
 def _refined_layout(refined: torch.Tensor, ndim: int) -> FeatureLayout:
-    """Number the refined pixels of each image in raster order; other pixels get index -1 (no feature).
+    """Build a layout that numbers the refined pixels of each image in raster order.
+
+    Other pixels get index -1, which belongs to no feature.
 
     Images with fewer refined pixels than the largest count leave their last
     features empty: those forward passes see the clean image and are ignored.
