@@ -3,17 +3,17 @@
 Every method performs the same perturbed forward passes, so the fastest raw
 batched forward over that many inputs (best batch size and memory format) is
 the limit, and the other rows show how close each method comes to it. Methods
-run round-robin (the order rotates each round) so that drift of a shared
-machine hits all of them alike; the tables give medians over the rounds with
-their minimum and maximum, and each method's time relative to efmap as the
-median of the per-round ratios.
+run round-robin, and the order rotates each round, so that drift of a shared
+machine hits all of them alike. The tables give medians over the rounds with
+their minimum and maximum. Each method's time relative to efmap is the median
+of the per-round ratios.
 
 By default per-feature times are measured on a fixed subset of features that is
 the same for every method (a central block of pixels for the image model; see
 ``--features``); ``--full`` scores whole maps instead. The naive loop always
 runs on a small subset and is extrapolated per feature. Peak memory is the rise
-of the maximum resident set size (``ru_maxrss``) over a fresh process that has
-set up the model, for one run of each method.
+of the peak resident set size during one run of each method in a fresh process,
+over its resident size after setting up the model.
 
 Run it with ``nox -s bench`` or ``python benchmarks/bench.py``; the results
 table replaces the section between the markers in ``docs/benchmarks.rst``.
@@ -22,6 +22,7 @@ table replaces the section between the markers in ``docs/benchmarks.rst``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -350,18 +351,50 @@ def measure_memory(
 
 
 def memory_child(work_name: str, method_key: str, args: argparse.Namespace) -> None:
+    """Set up one workload, run one method once and print its peak resident memory rise as JSON."""
     work = make_workload(work_name, args)
     with torch.inference_mode():
         work.model(work.inputs[:1])
     methods = {m.key: m for m in child_methods(work)}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    release_free_memory()
+    baseline = resident_kib("VmRSS")
+    if not reset_peak_resident():
+        # Without the reset the peak may still be the one set up earlier; the rise is then a lower bound.
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     methods[method_key].run()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": max(0, after - before) / 1024}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": max(0, peak - baseline) / 1024}))
+
+
+def release_free_memory() -> None:
+    """Ask glibc to return freed memory to the system, so that reusing it shows up as a rise."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_resident() -> bool:
+    """Reset the peak resident set size to the current one (Linux 4.0 and later); return whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def resident_kib(field_name: str) -> int:
+    """Return a memory field of /proc/self/status in KiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} missing from /proc/self/status.")
 
 
 def child_methods(work: Workload) -> list[Method]:
-    """The methods at fixed settings (the child process has no sweep), read from the parent's choice."""
+    """Build the methods at the settings the parent's sweeps chose, which it passes in the environment."""
     settings = json.loads(os.environ["EFMAP_BENCH_SETTINGS"])[work.name]
     raw_format = CHANNELS_LAST if settings["raw_format"] == "channels_last" else CONTIGUOUS
     captum_format = CHANNELS_LAST if settings["captum_format"] == "channels_last" else CONTIGUOUS

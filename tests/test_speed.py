@@ -211,7 +211,7 @@ def test_out_of_memory_halves_auto_batch():
     inner, x = conv_net(), images()
     recorder = Recorder(inner)
     auto = efmap.explain(OutOfMemoryAbove(recorder, 5), x)
-    # The recorder sits behind the limit, so it sees only the batches that fit.
+    # The recorder sits behind the limit, so it receives only the batches that fit.
     assert sum(recorder.sizes[2:]) == 360
     assert max(recorder.sizes[2:]) <= 5
     torch.testing.assert_close(auto.positive, efmap.explain(inner, x, batch_size=5).positive, **TIGHT)
@@ -308,7 +308,7 @@ def test_coarse_to_fine_keep_all_equals_exact():
     assert refined.forward_passes == 2 * (9 + 120)
 
 
-def test_coarse_to_fine_keep_all_auto_close_to_exact():
+def test_coarse_to_fine_auto_keep_all():
     model, x = conv_net(), images(count=2)
     exact = efmap.explain(model, x, batch_size=8)
     refined = efmap.explain_coarse_to_fine(model, x, patch_size=4, keep_fraction=1.0)
@@ -327,8 +327,8 @@ def test_coarse_to_fine_refines_top_patches():
     area = torch.bincount(patches.reshape(-1)).double()[patches]
     for n in range(2):
         importance = (coarse.positive[n] + coarse.negative[n]).reshape(-1)
-        kept = torch.unique(patches[result.refined[n]])
-        assert kept.numel() == 3
+        refined_patches = torch.unique(patches[result.refined[n]])
+        assert refined_patches.numel() == 3
         threshold = importance[result.refined[n].reshape(-1)].min()
         assert bool((importance[~result.refined[n].reshape(-1)] <= threshold).all())
     refined = result.refined

@@ -1,9 +1,9 @@
 """The dense scoring engine: one forward pass per (input, feature) perturbation.
 
 Perturbed copies are built in one buffer of ``batch_size`` rows that lives for
-the whole run. Each row holds a copy of its clean input; for every chunk only
-the elements of the reversed features are written, and they are written back to
-their clean values before the next chunk. Building a chunk therefore touches a
+the whole run. Each row contains a copy of its clean input. For every chunk
+only the elements of the reversed features are written, and they get their
+clean values back before the next chunk. Building a chunk therefore touches a
 few elements per copy instead of whole inputs, and no input-sized tensor is
 allocated per chunk.
 
@@ -194,6 +194,7 @@ class PerturbationBuffer:
         self.positions = elements.positions if physical is None else physical[elements.positions]
         # A normal (non-inference) tensor keeps a version counter even inside inference mode,
         # and that counter reveals a model that modifies its input in place.
+        # NOTE: writes through ``x.data``, which has its own counter, go unnoticed.
         with torch.inference_mode(False):
             self.buffer = torch.empty(
                 (capacity, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device, memory_format=memory_format
@@ -317,7 +318,10 @@ class _Runner:
 
 
 def _run_remaining(runner: _Runner, batch_size: int, memory_format: torch.memory_format, *, halve_on_oom: bool) -> None:
-    """Score every copy after the cursor; with ``halve_on_oom`` an out-of-memory error halves the batch."""
+    """Score every copy after the cursor; with ``halve_on_oom`` an out-of-memory error halves the batch.
+
+    NOTE: the halving is tested with a simulated ``torch.OutOfMemoryError`` on CPU, not on a CUDA device.
+    """
     while runner.cursor < runner.total:
         runner.use(batch_size, memory_format)
         out_of_memory = False
@@ -338,9 +342,10 @@ def _run_remaining(runner: _Runner, batch_size: int, memory_format: torch.memory
 def _probe(runner: _Runner, formats: list[torch.memory_format], largest: int) -> _Plan:
     """Time the first chunks of the work at several settings and return the fastest one.
 
-    Memory formats are compared at a small batch; then, in the faster format,
-    the batch doubles until the throughput drops clearly, the memory cap or the
-    probe's share of the work is reached, or the device runs out of memory.
+    Memory formats are compared at a small batch. Then, in the faster format,
+    the batch doubles until one of these happens: the throughput drops clearly,
+    the batch reaches the memory cap, the probe has used its share of the work,
+    or the device runs out of memory.
     Each setting runs one untimed chunk (the first call at a new shape pays
     one-off setup costs) and keeps the fastest of the timed ones. While chunks take less
     than ``PROBE_MIN_CHUNK_SECONDS`` the batch grows up to eightfold per step,

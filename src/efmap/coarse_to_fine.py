@@ -1,10 +1,10 @@
 """Coarse-to-fine scoring: patches first, then single pixels inside the most important patches.
 
-An exact per-pixel map costs one forward pass per pixel. Scoring square
-patches first and refining only the patches whose reversal changed the score
-most costs ``P + keep_fraction * H * W`` passes per image (``P`` patches), for
-example 4,352 instead of 16,384 for a 128x128 image with 8x8 patches and a
-quarter of them kept.
+An exact per-pixel map costs one forward pass per pixel. Scoring ``P`` square
+patches first and then single pixels only in the patches whose reversal
+changed the score most costs ``P + keep_fraction * H * W`` passes per image.
+For a 128x128 image with 8x8 patches and a quarter of them kept, that is 4,352
+passes instead of 16,384.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def explain_coarse_to_fine(
     RefinedExplanation
         Maps of shape ``(N, H, W)``. A pixel outside the refined patches carries its patch's
         ``positive``, ``negative`` and ``output_change`` divided by the patch's pixel count, so
-        that every patch keeps its total; ``refined`` marks the pixels scored exactly.
+        every such patch keeps its total. ``refined`` marks the pixels scored exactly.
 
     Raises
     ------
@@ -177,8 +177,8 @@ def _refined_pixels(coarse: Explanation, patches: torch.Tensor, keep_fraction: f
     keep = min(num_patches, max(1, math.ceil(keep_fraction * num_patches)))
     # A stable sort keeps ties in patch order, so the choice does not depend on the sort algorithm.
     order = torch.argsort(importance, dim=1, descending=True, stable=True)[:, :keep]
-    kept = torch.zeros_like(importance, dtype=torch.bool).scatter_(1, order, True)
-    return kept[:, patches]
+    refined_patches = torch.zeros_like(importance, dtype=torch.bool).scatter_(1, order, True)
+    return refined_patches[:, patches]
 
 
 def _refined_layout(refined: torch.Tensor, ndim: int) -> FeatureLayout:

@@ -119,11 +119,11 @@ def explain(
     score
         ``"max"`` reads the new maximum over all classes; ``"target"`` reads the target class.
     batch_size
-        Number of perturbed copies per forward pass, or ``"auto"`` (the default): a short timed
-        probe over the first forward passes picks the batch size and, for 4-D inputs, the memory
-        format (row-major or channels-last), and on CUDA an out-of-memory error halves the batch and
-        retries. Memory grows with the batch size; results change only at floating-point rounding
-        level, where the model's kernels depend on the batch size or memory format.
+        Number of perturbed copies per forward pass, or ``"auto"`` (the default). With ``"auto"``
+        a short timed probe over the first forward passes picks the batch size and, for 4-D inputs,
+        the memory format (row-major or channels-last). On CUDA an out-of-memory error then halves
+        the batch and retries. Memory grows with the batch size. Results change only at
+        floating-point rounding level, where the model's kernels depend on batch size or format.
     value_range
         Interval ``(lo, hi)`` of valid input values. Default ``(-1.0, 1.0)``.
     patch_size
