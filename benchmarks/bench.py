@@ -27,10 +27,10 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -243,7 +243,7 @@ def best_raw_setting(work: Workload) -> tuple[int, torch.memory_format]:
             run = raw_forward(work, size, memory_format, passes)
             run()  # the first call at a new shape pays one-off setup costs
             timings[(size, memory_format)] = seconds(run) / passes
-    log(work, "raw sweep (ms per pass): " + describe(timings))
+    log(work, "raw sweep (µs per pass): " + describe(timings))
     return min(timings, key=timings.__getitem__)
 
 
@@ -263,7 +263,7 @@ def best_captum_setting(work: Workload) -> tuple[int, torch.memory_format]:
             run = captum_ablation(work, per_eval, memory_format, mask)
             run()
             timings[(per_eval, memory_format)] = seconds(run) / passes
-    log(work, "Captum sweep (ms per pass): " + describe(timings))
+    log(work, "Captum sweep (µs per pass): " + describe(timings))
     return min(timings, key=timings.__getitem__)
 
 
@@ -351,19 +351,35 @@ def measure_memory(
 
 
 def memory_child(work_name: str, method_key: str, args: argparse.Namespace) -> None:
-    """Set up one workload, run one method once and print its peak resident memory rise as JSON."""
+    """Set up one workload, run one method once and print its peak memory rise as JSON.
+
+    The rise is the largest anonymous resident memory (``RssAnon``, which leaves out shared
+    libraries paged in from disk) sampled every half millisecond during the run, minus its value
+    just before. Allocations that live for less than the sampling period can be missed.
+    """
     work = make_workload(work_name, args)
     with torch.inference_mode():
         work.model(work.inputs[:1])
     methods = {m.key: m for m in child_methods(work)}
     release_free_memory()
-    baseline = resident_kib("VmRSS")
-    if not reset_peak_resident():
-        # Without the reset the peak may still be the one set up earlier; the rise is then a lower bound.
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    methods[method_key].run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": max(0, peak - baseline) / 1024}))
+    baseline = resident_kib("RssAnon")
+    peak = [baseline]
+    finished = threading.Event()
+
+    def sample() -> None:
+        while not finished.is_set():
+            peak[0] = max(peak[0], resident_kib("RssAnon"))
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        methods[method_key].run()
+    finally:
+        finished.set()
+        sampler.join()
+    peak[0] = max(peak[0], resident_kib("RssAnon"))
+    print(json.dumps({"peak_mib": (peak[0] - baseline) / 1024}))
 
 
 def release_free_memory() -> None:
@@ -372,16 +388,6 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def reset_peak_resident() -> bool:
-    """Reset the peak resident set size to the current one (Linux 4.0 and later); return whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def resident_kib(field_name: str) -> int:
@@ -466,7 +472,12 @@ def format_name(memory_format: torch.memory_format) -> str:
 
 
 def describe(timings: dict[tuple[int, torch.memory_format], float]) -> str:
-    return ", ".join(f"{size}/{format_name(fmt)}: {value * 1e3:.3f}" for (size, fmt), value in timings.items())
+    return ", ".join(f"{size}/{format_name(fmt)}: {significant(value * 1e6)}" for (size, fmt), value in timings.items())
+
+
+def significant(value: float) -> str:
+    """Format a positive number with three significant digits and no exponent."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def log(work: Workload, message: str) -> None:
@@ -478,17 +489,17 @@ def summarize(work: Workload, methods: list[Method]) -> list[dict[str, object]]:
     efmap_passes = next(m for m in methods if m.key == "efmap").passes
     rows = []
     for method in methods:
-        per_pass = [t / method.passes * 1e3 for t in method.times]
+        per_pass = [t / method.passes * 1e6 for t in method.times]
         ratios = [(t / method.passes) / (e / efmap_passes) for t, e in zip(method.times, efmap_times, strict=True)]
         rows.append(
             {
                 "method": method.label,
                 "setting": method.setting,
-                "ms_per_feature": statistics.median(per_pass),
+                "us_per_feature": statistics.median(per_pass),
                 "min": min(per_pass),
                 "max": max(per_pass),
                 "relative_to_efmap": statistics.median(ratios),
-                "full_map_s": statistics.median(per_pass) * 128 * 128 / 1e3 if work.name == "age_resnet" else None,
+                "full_map_s": statistics.median(per_pass) * 128 * 128 / 1e6 if work.name == "age_resnet" else None,
                 "peak_mib": method.memory_mib,
             }
         )
@@ -496,7 +507,7 @@ def summarize(work: Workload, methods: list[Method]) -> list[dict[str, object]]:
 
 
 def rst_table(rows: list[dict[str, object]], with_full_map: bool) -> list[str]:
-    header = ["Method", "Setting", "ms per feature, median (min-max)", "Time relative to efmap"]
+    header = ["Method", "Setting", "µs per feature, median (min-max)", "Time relative to efmap"]
     if with_full_map:
         header.append("Estimated s per 128x128 map")
     header.append("Peak memory rise (MiB)")
@@ -506,7 +517,7 @@ def rst_table(rows: list[dict[str, object]], with_full_map: bool) -> list[str]:
         cells = [
             str(row["method"]),
             str(row["setting"]),
-            f"{row['ms_per_feature']:.3f} ({row['min']:.3f}-{row['max']:.3f})",
+            f"{significant(row['us_per_feature'])} ({significant(row['min'])}-{significant(row['max'])})",
             f"{row['relative_to_efmap']:.2f}",
         ]
         if with_full_map:
