@@ -59,3 +59,10 @@ def docs(session: nox.Session) -> None:
     doctest = ["-b", "doctest", "-D", "plot_gallery=0", "docs", "docs/_build/doctest"]
     session.run("sphinx-build", "-W", "--keep-going", *doctest)
     session.run("python", "docs/check_links.py", "docs/_build/html")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Time efmap.explain against raw forward passes, Captum and a naive loop; rewrites docs/benchmarks.rst."""
+    install(session, "test")
+    session.run("python", "benchmarks/bench.py", *session.posargs)

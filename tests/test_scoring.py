@@ -437,7 +437,7 @@ def test_target_with_max_score_rejected(small_cnn, images):
     ("kwargs", "match"),
     [
         ({"score": "mean"}, r"'max' or 'target'"),
-        ({"batch_size": 0}, r"positive integer, but got 0"),
+        ({"batch_size": 0}, r"positive integer or .auto., but got 0"),
         ({"patch_size": 0}, r"patch_size.*but got 0"),
         ({"patch_size": 2, "feature_mask": torch.zeros(6, 5, dtype=torch.int64)}, r"either"),
         ({"feature_mask": torch.zeros(4, 5, dtype=torch.int64)}, r"broadcast to the per-sample input shape"),

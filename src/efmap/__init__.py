@@ -8,6 +8,7 @@ landmarks.
 
 from efmap._version import __version__
 from efmap._warnings import EfmapWarning
+from efmap.coarse_to_fine import RefinedExplanation, explain_coarse_to_fine
 from efmap.dataset import DatasetExplanation, RunProgress, explain_dataset
 from efmap.evaluate import (
     MaskedAccuracy,
@@ -34,11 +35,13 @@ __all__ = [
     "RunProgress",
     "PerturbationCurves",
     "RandomizationCheck",
+    "RefinedExplanation",
     "__version__",
     "accuracy",
     "apply_mask",
     "explain",
     "explain_dataset",
+    "explain_coarse_to_fine",
     "masked_accuracy",
     "minmax",
     "perturbation_curves",

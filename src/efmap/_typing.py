@@ -24,3 +24,6 @@ ProgressType = Union[bool, Callable[[int, int], None]]
 
 #: How maps are combined.
 Reduction = Literal["mean", "max", "sum"]
+
+#: Perturbed copies per forward pass: a positive integer, or ``"auto"`` to let a timed probe choose.
+BatchSize = Union[int, Literal["auto"]]

@@ -16,12 +16,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from efmap._checks import check_batch_size, check_finite, check_floating, check_in_range, check_value_range
+from efmap._checks import check_finite, check_floating, check_in_range, check_value_range
+from efmap._dense import check_batch_option, dense_outputs
 from efmap._model import OutputFn, evaluation_mode, model_device_dtype, read_scores
-from efmap._progress import Progress
-from efmap._typing import Model, ProgressType, ScoreMode, TargetType, ValueRange
+from efmap._typing import BatchSize, Model, ProgressType, ScoreMode, TargetType, ValueRange
 from efmap._warnings import EfmapWarning
-from efmap.features import FeatureLayout, mask_layout, patch_layout, perturb_chunk, pixel_layout
+from efmap.features import FeatureLayout, mask_layout, patch_layout, pixel_layout
 from efmap.incremental import incremental_outputs
 from efmap.reversal import reverse
 
@@ -29,7 +29,7 @@ __all__ = ["Explanation", "explain"]
 
 logger = logging.getLogger(__name__)
 
-#: Default number of perturbed copies per forward pass.
+#: Inputs per forward pass of the clean scoring when ``batch_size="auto"``.
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -96,7 +96,7 @@ def explain(
     *,
     target: TargetType = None,
     score: ScoreMode = "max",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: BatchSize = "auto",
     value_range: ValueRange = (-1.0, 1.0),
     patch_size: int | None = None,
     feature_mask: torch.Tensor | None = None,
@@ -121,7 +121,11 @@ def explain(
     score
         ``"max"`` reads the new maximum over all classes; ``"target"`` reads the target class.
     batch_size
-        Number of perturbed copies per forward pass. Memory grows with it; results do not.
+        Number of perturbed copies per forward pass, or ``"auto"`` (the default). With ``"auto"``
+        a short timed probe over the first forward passes picks the batch size and, for 4-D inputs,
+        the memory format (row-major or channels-last). On CUDA an out-of-memory error then halves
+        the batch and retries. Memory grows with the batch size. Results change only at
+        floating-point rounding level, where the model's kernels depend on batch size or format.
     value_range
         Interval ``(lo, hi)`` of valid input values. Default ``(-1.0, 1.0)``.
     patch_size
@@ -169,6 +173,11 @@ def explain(
     that output, so the maps say what raises or lowers the positive class, and ``target`` is 0
     even for inputs the model would call negative.
 
+    Before the perturbed forward passes start, their count and (after the probe of
+    ``batch_size="auto"``) the estimated time are logged at INFO level. On CPU the
+    throughput of large batches depends on the memory allocator; the benchmarks page
+    gives an opt-in environment setting for it, which efmap never sets itself.
+
     Examples
     --------
     >>> import torch, efmap
@@ -186,7 +195,7 @@ def explain(
         )
     if engine not in ("auto", "dense", "incremental"):
         raise ValueError(f"Expected `engine` to be 'auto', 'dense' or 'incremental', but got {engine!r}.")
-    batch_size = check_batch_size(batch_size)
+    batch_size = check_batch_option(batch_size)
     lo_hi = check_value_range(value_range)
     inputs = _as_tensor(inputs).detach()
     check_floating(inputs, "inputs")
@@ -202,16 +211,22 @@ def explain(
     layout = _build_layout(inputs, patch_size, feature_mask)
 
     with evaluation_mode(model), torch.inference_mode():
-        clean = _clean_forward(model, inputs, output_fn, batch_size, shape_note)
+        clean_batch = DEFAULT_BATCH_SIZE if batch_size == "auto" else batch_size
+        clean = _clean_forward(model, inputs, output_fn, clean_batch, shape_note)
         targets = _resolve_target(target, clean)
         old = clean.max(dim=1).values if score == "max" else clean.gather(1, targets[:, None])[:, 0]
         reversed_inputs = reverse(inputs, lo_hi)
         if engine == "dense":
             outputs = _perturbed_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
         else:
+            # NOTE: the timed probe of batch_size="auto" serves the dense engine only; the incremental
+            # engine then batches DEFAULT_BATCH_SIZE perturbations per pass, and its dense fallback probes.
+            def dense_fallback(*args: Any) -> torch.Tensor:
+                return _perturbed_outputs(*args[:5], batch_size, *args[6:])
+
             outputs = incremental_outputs(
-                model, output_fn, inputs, reversed_inputs, layout, batch_size, progress,
-                strict=engine == "incremental", dense=_perturbed_outputs, clean=clean,
+                model, output_fn, inputs, reversed_inputs, layout, clean_batch, progress,
+                strict=engine == "incremental", dense=dense_fallback, clean=clean,
             )  # fmt: skip
 
     if score == "max":
@@ -298,7 +313,8 @@ def _clean_forward(
     """
     chunks = []
     for start in range(0, inputs.shape[0], batch_size):
-        chunk = inputs[start : start + batch_size]
+        # Copies, because a model that writes into its input would otherwise change the caller's tensor.
+        chunk = inputs[start : start + batch_size].clone()
         try:
             chunks.append(read_scores(model(chunk), output_fn, chunk.shape[0], check=True))
         except (TypeError, ValueError, RuntimeError) as error:
@@ -308,7 +324,7 @@ def _clean_forward(
     clean = torch.cat(chunks)
 
     # A second pass over the first chunk reveals dropout or other randomness left active in the model.
-    first = inputs[:batch_size]
+    first = inputs[:batch_size].clone()
     again = read_scores(model(first), output_fn, first.shape[0], check=True)
     difference = float((again - clean[: first.shape[0]]).abs().max())
     scale = float(clean.abs().max()) + 1.0
@@ -388,35 +404,12 @@ def _perturbed_outputs(
     inputs: torch.Tensor,
     reversed_inputs: torch.Tensor,
     layout: FeatureLayout,
-    batch_size: int,
+    batch_size: BatchSize,
     progress: ProgressType,
 ) -> torch.Tensor:
     """Run the model on every (input, feature) perturbation, ``batch_size`` copies at a time.
 
-    Returns the class scores of every perturbed copy, shape ``(N, F, K)``.
+    Returns the class scores of every perturbed copy, shape ``(N, F, K)``. The
+    work is done by the dense engine in :mod:`efmap._dense`.
     """
-    count = inputs.shape[0]
-    num_features = layout.num_features
-    total = count * num_features
-    logger.info("Scoring %d features of %d input(s): %d forward passes of the model.", num_features, count, total)
-
-    results: list[torch.Tensor] = []
-    buffer = torch.empty((min(batch_size, total), *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
-    buffer = buffer.contiguous(memory_format=_memory_format(inputs))
-    bar = Progress(progress, total, "efmap")
-    try:
-        for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
-            chunk = perturb_chunk(inputs, reversed_inputs, layout, start, stop, out=buffer)
-            results.append(read_scores(model(chunk), output_fn, stop - start, check=False).clone())
-            bar.advance(stop - start)
-    finally:
-        bar.close()
-    return torch.cat(results).reshape(count, num_features, -1)
-
-
-def _memory_format(inputs: torch.Tensor) -> torch.memory_format:
-    if inputs.dim() == 4 and inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
+    return dense_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
