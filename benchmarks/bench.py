@@ -143,6 +143,39 @@ def age_resnet_workload(features: int, full: bool, repeats: int) -> Workload:
     )
 
 
+def vgg_workload(features: int, repeats: int) -> Workload:
+    """A plain VGG-style net at 224x224, scored on a central block of pixels like the AgeResNet workload."""
+    from incremental import vgg_style
+
+    torch.manual_seed(0)
+    model = vgg_style().eval()
+    x = face_image(224)
+    side = math.isqrt(features)
+    top = (224 - side) // 2
+    mask = torch.full((224, 224), side * side, dtype=torch.int64)
+    mask[top : top + side, top : top + side] = torch.arange(side * side).reshape(side, side)
+    with torch.inference_mode():
+        target = model(x).argmax(dim=1)
+    return Workload(
+        name="vgg_224",
+        title="VGG-style net (10 convolutions, widths 16-128), one 3x224x224 image (random weights)",
+        model=model,
+        inputs=x,
+        feature_mask=mask,
+        captum_mask=mask[None, None],
+        target=target,
+        naive_pairs=[(0, f) for f in range(0, side * side + 1, max(1, (side * side + 1) // 32))][:32],
+        raw_sizes=[8, 16, 32],
+        captum_sizes=[8, 16, 32],
+        formats=[CONTIGUOUS, CHANNELS_LAST],
+        repeats=repeats,
+        note=(
+            f"the central {side}x{side} pixels are one feature each and the rest of the image is one more "
+            f"feature: {side * side + 1} forward passes per run"
+        ),
+    )
+
+
 def tabular_workload(repeats: int) -> Workload:
     torch.manual_seed(0)
     rows, columns = 512, 32
@@ -184,10 +217,10 @@ def raw_forward(work: Workload, batch_size: int, memory_format: torch.memory_for
     return run
 
 
-def efmap_explain(work: Workload) -> Callable[[], efmap.Explanation]:
+def efmap_explain(work: Workload, engine: str = "auto") -> Callable[[], efmap.Explanation]:
     def run() -> efmap.Explanation:
         return efmap.explain(
-            work.model, work.inputs, feature_mask=work.feature_mask, score="target", target=work.target
+            work.model, work.inputs, feature_mask=work.feature_mask, score="target", target=work.target, engine=engine
         )
 
     return run
@@ -249,10 +282,12 @@ def best_raw_setting(work: Workload) -> tuple[int, torch.memory_format]:
 
 def best_captum_setting(work: Workload) -> tuple[int, torch.memory_format]:
     """Pick Captum's fastest perturbations_per_eval and memory format by a short sweep."""
-    if work.name == "age_resnet":
-        # 128 single-pixel features plus the rest of the image, as in the timed runs but shorter.
-        mask = torch.full((128, 128), 128, dtype=torch.int64)
-        mask.view(-1)[:128] = torch.arange(128)
+    if work.inputs.dim() == 4:
+        # A few single-pixel features plus the rest of the image, as in the timed runs but shorter.
+        height, width = work.inputs.shape[-2:]
+        count = 128 if work.name == "age_resnet" else 32
+        mask = torch.full((height, width), count, dtype=torch.int64)
+        mask.view(-1)[:count] = torch.arange(count)
         mask = mask[None, None]
     else:
         mask = None
@@ -286,7 +321,14 @@ def build_methods(work: Workload) -> tuple[list[Method], dict[str, object]]:
             passes,
             raw_forward(work, raw_size, raw_format, passes),
         ),
-        Method("efmap", "efmap.explain", 'batch_size="auto" (default)', passes, efmap_explain(work)),
+        Method("efmap", "efmap.explain", 'engine="auto", batch_size="auto" (defaults)', passes, efmap_explain(work)),
+        Method(
+            "efmap_dense",
+            "efmap.explain, dense engine",
+            'engine="dense", batch_size="auto"',
+            passes,
+            efmap_explain(work, "dense"),
+        ),
         Method(
             "captum_default",
             "Captum FeatureAblation",
@@ -326,7 +368,7 @@ def check_agreement(work: Workload) -> float:
     """Return the largest difference between efmap's positive map and ReLU of Captum's attributions."""
     explanation = efmap_explain(work)()
     attributions = captum_ablation(work, 16, CONTIGUOUS)()
-    if work.name == "age_resnet":
+    if work.inputs.dim() == 4:
         captum_map = torch.relu(attributions[:, 0])
     else:
         captum_map = torch.relu(attributions)
@@ -341,7 +383,8 @@ def measure_memory(
 ) -> float | None:
     """Run one method once in a fresh process and return its peak resident memory rise in MiB."""
     command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", work_name, method_key]
-    command += ["--features", str(args.features)] + (["--full"] if args.full else [])
+    command += ["--features", str(args.features), "--vgg-features", str(args.vgg_features)]
+    command += ["--full"] if args.full else []
     environment = {**os.environ, "EFMAP_BENCH_SETTINGS": json.dumps(settings)}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if done.returncode != 0:
@@ -408,6 +451,7 @@ def child_methods(work: Workload) -> list[Method]:
     return [
         Method("raw", "", "", passes, raw_forward(work, settings["raw_size"], raw_format, passes)),
         Method("efmap", "", "", passes, efmap_explain(work)),
+        Method("efmap_dense", "", "", passes, efmap_explain(work, "dense")),
         Method("captum_default", "", "", passes, captum_ablation(work, 1, CONTIGUOUS)),
         Method("captum_best", "", "", passes, captum_ablation(work, settings["per_eval"], captum_format)),
         Method("naive", "", "", len(work.naive_pairs), naive_loop(work)),
@@ -594,6 +638,8 @@ def write_docs(lines: list[str], page: Path) -> None:
 def make_workload(name: str, args: argparse.Namespace) -> Workload:
     if name == "age_resnet":
         return age_resnet_workload(args.features, args.full, args.repeats)
+    if name == "vgg_224":
+        return vgg_workload(args.vgg_features, max(1, args.repeats // 2))
     return tabular_workload(args.repeats)
 
 
@@ -603,6 +649,9 @@ def parse_args() -> argparse.Namespace:
         "--features", type=int, default=1024, help="pixels scored per run of the image model (a square)"
     )
     parser.add_argument("--full", action="store_true", help="score the whole 128x128 map in every run (slow)")
+    parser.add_argument(
+        "--vgg-features", type=int, default=256, help="pixels scored per run of the VGG-style model (a square)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=5, help="rounds for the image model; the MLP runs 3 times as many"
     )
@@ -627,7 +676,7 @@ def main() -> None:
     report: dict[str, object] = {}
     lines: list[str] = []
     chosen: dict[str, dict[str, object]] = {}
-    for name in ("age_resnet", "tabular_mlp"):
+    for name in ("age_resnet", "vgg_224", "tabular_mlp"):
         work = make_workload(name, args)
         log(work, f"{work.passes} forward passes per run; {work.note}")
         methods, chosen[name] = build_methods(work)

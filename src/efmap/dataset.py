@@ -111,7 +111,7 @@ class DatasetExplanation:
         return self.accumulator.class_maps()
 
     def overall(self, over: Literal["classes", "inputs"] = "classes") -> torch.Tensor:
-        """Return the map merged over all classes (see :meth:`efmap.HeatMapAccumulator.overall`)."""
+        """Return the map merged over all classes (see :meth:`efmap.merge.HeatMapAccumulator.overall`)."""
         return self.accumulator.overall(over)
 
 
