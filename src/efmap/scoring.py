@@ -216,7 +216,8 @@ def explain(
         targets = _resolve_target(target, clean)
         old = clean.max(dim=1).values if score == "max" else clean.gather(1, targets[:, None])[:, 0]
         reversed_inputs = reverse(inputs, lo_hi)
-        if engine == "dense":
+        # The incremental engine handles only conv nets on images, so "auto" skips its tracing for other input.
+        if engine == "dense" or (engine == "auto" and (inputs.dim() != 4 or not isinstance(model, torch.nn.Module))):
             outputs = _perturbed_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
         else:
             # NOTE: the timed probe of batch_size="auto" serves the dense engine only; the incremental
