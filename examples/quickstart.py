@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> efmap.MaskedAccuracy:
     print(result.table())
     print(
         f"\nTime: training {trained - started:.1f} s, explaining {explained - trained:.1f} s "
-        f"({len(y_test) * landmarks.mask.numel()} forward passes), total {finished - started:.1f} s."
+        f"({len(y_test) * landmarks.mask.numel()} perturbed inputs), total {finished - started:.1f} s."
     )
     print(f"Figures and maps written to {args.out}/")
     return result
