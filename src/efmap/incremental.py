@@ -123,6 +123,7 @@ def incremental_outputs(
     --------
     >>> import torch
     >>> from efmap.features import pixel_layout
+    >>> from efmap.incremental import incremental_outputs
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
     ...                           torch.nn.Linear(2 * 4 * 4, 3)).eval()
     >>> x = torch.rand(1, 1, 6, 6)
