@@ -62,9 +62,8 @@ def read_scores(output: Any, output_fn: OutputFn | None, batch: int, *, check: b
             )
         if not output.is_floating_point():
             raise TypeError(f"Expected the model to return floating-point class scores, but got {output.dtype}.")
-    if output.dim() == 1:
-        output = output.unsqueeze(1)
-    return output
+    scores: torch.Tensor = output.unsqueeze(1) if output.dim() == 1 else output
+    return scores
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 
@@ -14,16 +14,16 @@ ValueRange = tuple[float, float]
 Model = Callable[[torch.Tensor], Any]
 
 #: Which classes to explain: one class for all inputs, one per input, or none (the predicted class).
-TargetType = Union[int, Sequence[int], torch.Tensor, None]
+TargetType = int | Sequence[int] | torch.Tensor | None
 
 #: How the perturbed output is read: the new maximum over all classes, or the target class.
 ScoreMode = Literal["max", "target"]
 
 #: A progress sink: ``True`` for a tqdm bar, a callable receiving ``(done, total)``, or ``False``.
-ProgressType = Union[bool, Callable[[int, int], None]]
+ProgressType = bool | Callable[[int, int], None]
 
 #: How maps are combined.
 Reduction = Literal["mean", "max", "sum"]
 
 #: Perturbed copies per forward pass: a positive integer, or ``"auto"`` to let a timed probe choose.
-BatchSize = Union[int, Literal["auto"]]
+BatchSize = int | Literal["auto"]

@@ -133,7 +133,9 @@ def mask_layout(feature_mask: torch.Tensor, input_shape: tuple[int, ...]) -> Fea
     if isinstance(feature_mask, np.ndarray):
         feature_mask = torch.from_numpy(feature_mask)
     if not isinstance(feature_mask, torch.Tensor):
-        raise TypeError(f"Expected `feature_mask` to be an integer torch.Tensor, but got {type(feature_mask).__name__}.")
+        raise TypeError(
+            f"Expected `feature_mask` to be an integer torch.Tensor, but got {type(feature_mask).__name__}."
+        )
     if feature_mask.is_floating_point() or feature_mask.is_complex() or feature_mask.dtype == torch.bool:
         raise TypeError(
             f"Expected `feature_mask` to have an integer dtype, but got {feature_mask.dtype}. "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,13 +58,14 @@ class Landmarks:
         _check_mask_shape(inputs, self.mask)
         if self.count == 0:
             raise ValueError("Cannot crop to an empty landmark mask: it selects no feature.")
-        slices = []
+        slices: list[slice] = []
         for axis in range(self.mask.dim()):
             others = tuple(d for d in range(self.mask.dim()) if d != axis)
             present = self.mask.any(dim=others) if others else self.mask
             positions = torch.nonzero(present).flatten()
             slices.append(slice(int(positions[0]), int(positions[-1]) + 1))
-        return inputs[(..., *slices)]
+        index: tuple[Any, ...] = (Ellipsis, *slices)
+        return inputs[index]
 
 
 def select_landmarks(

@@ -179,4 +179,5 @@ def plot_grid(
                 overlay(image, heatmap, ax=axes[row, column], value_range=value_range, title=title)
             row += 1
     fig.tight_layout()
-    return fig
+    figure: Figure = fig
+    return figure

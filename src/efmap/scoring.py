@@ -222,8 +222,16 @@ def explain(
         else:
             # NOTE: the timed probe of batch_size="auto" serves the dense engine only; the incremental
             # engine then batches DEFAULT_BATCH_SIZE perturbations per pass, and its dense fallback probes.
-            def dense_fallback(*args: Any) -> torch.Tensor:
-                return _perturbed_outputs(*args[:5], batch_size, *args[6:])
+            def dense_fallback(
+                model: Model,
+                output_fn: OutputFn | None,
+                inputs: torch.Tensor,
+                reversed_inputs: torch.Tensor,
+                layout: FeatureLayout,
+                _incremental_batch: int,
+                progress: ProgressType,
+            ) -> torch.Tensor:
+                return _perturbed_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
 
             outputs = incremental_outputs(
                 model, output_fn, inputs, reversed_inputs, layout, clean_batch, progress,

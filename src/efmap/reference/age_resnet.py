@@ -32,7 +32,8 @@ class BasicBlock(nn.Module):
         """Apply the block to ``(N, in_channels, H, W)``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        result: torch.Tensor = self.relu(out + self.shortcut(x))
+        return result
 
 
 class AgeResNet(nn.Module):
@@ -91,4 +92,5 @@ class AgeResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return class scores ``(N, num_classes)`` for images ``(N, in_channels, H, W)``."""
-        return self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
+        scores: torch.Tensor = self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
+        return scores

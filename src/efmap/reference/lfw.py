@@ -76,7 +76,7 @@ def load_lfw_faces(*, test_fraction: float = 0.3, seed: int = 0) -> FaceSplit:
             "The LFW subset ships with scikit-image; install it with `pip install efmap[examples]`."
         ) from error
 
-    images = torch.from_numpy(lfw_subset()).to(torch.float32)
+    images = torch.from_numpy(lfw_subset()).to(torch.float32)  # type: ignore[no-untyped-call]
     labels = torch.cat([torch.zeros(100, dtype=torch.int64), torch.ones(100, dtype=torch.int64)])
     inputs = (images * 2 - 1).unsqueeze(1)
 
