@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from efmap import reverse
+from efmap._dense import dense_outputs
 from efmap.features import FeatureLayout, pixel_layout
 from efmap.incremental import incremental_outputs
 from efmap.reference import AgeResNet
-from efmap.scoring import _perturbed_outputs
 
 
 def vgg_style(
@@ -123,7 +123,7 @@ def time_engines(
         with torch.inference_mode():
             for _ in range(repeats):
                 start = time.perf_counter()
-                dense = _perturbed_outputs(
+                dense = dense_outputs(
                     model, None, dense_image, dense_flipped, layout, dense_batch_size or batch_size, False
                 )
                 dense_runs.append(time.perf_counter() - start)

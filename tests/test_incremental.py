@@ -424,6 +424,7 @@ def test_plain_function_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="efmap.incremental")
     result = efmap.explain(model, _images(1, 1, 4, seed=12)[0])
     assert result.positive.shape == (1, 4, 4)
+    assert "the model is a function, not a torch.nn.Module" in caplog.text
     dense = efmap.explain(model, _images(1, 1, 4, seed=12)[0], engine="dense")
     torch.testing.assert_close(result.positive, dense.positive, rtol=0, atol=0)
     with pytest.raises(ValueError, match="the model is a function, not a torch.nn.Module"):

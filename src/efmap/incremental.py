@@ -33,6 +33,7 @@ import torch
 from torch import fx
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from efmap._dense import dense_outputs
 from efmap._graph import Step, Unsupported, analyse, describe
 from efmap._model import OutputFn, read_scores
 from efmap._progress import Progress
@@ -97,7 +98,7 @@ def incremental_outputs(
         Default False.
     dense
         The engine to fall back to, with the same arguments. Default: the dense engine of
-        :mod:`efmap.scoring`.
+        ``efmap._dense``.
     clean
         Class scores of the clean inputs ``(N, K)``, if known, to check the traced graph against.
         Default: the engine runs the model once on the first inputs.
@@ -131,9 +132,7 @@ def incremental_outputs(
     torch.Size([1, 36, 3])
     """
     if dense is None:
-        from efmap.scoring import _perturbed_outputs
-
-        dense = _perturbed_outputs
+        dense = dense_outputs
     with torch.inference_mode():
         return _score(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress, strict, dense, clean)
 

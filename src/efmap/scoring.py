@@ -216,9 +216,8 @@ def explain(
         targets = _resolve_target(target, clean)
         old = clean.max(dim=1).values if score == "max" else clean.gather(1, targets[:, None])[:, 0]
         reversed_inputs = reverse(inputs, lo_hi)
-        # The incremental engine handles only conv nets on images, so "auto" skips its tracing for other input.
-        if engine == "dense" or (engine == "auto" and (inputs.dim() != 4 or not isinstance(model, torch.nn.Module))):
-            outputs = _perturbed_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
+        if engine == "dense":
+            outputs = dense_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
         else:
             # NOTE: the timed probe of batch_size="auto" serves the dense engine only; the incremental
             # engine then batches DEFAULT_BATCH_SIZE perturbations per pass, and its dense fallback probes.
@@ -231,7 +230,7 @@ def explain(
                 _incremental_batch: int,
                 progress: ProgressType,
             ) -> torch.Tensor:
-                return _perturbed_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
+                return dense_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
 
             outputs = incremental_outputs(
                 model, output_fn, inputs, reversed_inputs, layout, clean_batch, progress,
@@ -406,19 +405,3 @@ def _resolve_target(target: TargetType, clean: torch.Tensor) -> torch.Tensor:
         )
     return targets
 
-
-def _perturbed_outputs(
-    model: Model,
-    output_fn: OutputFn | None,
-    inputs: torch.Tensor,
-    reversed_inputs: torch.Tensor,
-    layout: FeatureLayout,
-    batch_size: BatchSize,
-    progress: ProgressType,
-) -> torch.Tensor:
-    """Run the model on every (input, feature) perturbation, ``batch_size`` copies at a time.
-
-    Returns the class scores of every perturbed copy, shape ``(N, F, K)``. The
-    work is done by the dense engine in :mod:`efmap._dense`.
-    """
-    return dense_outputs(model, output_fn, inputs, reversed_inputs, layout, batch_size, progress)
