@@ -98,3 +98,15 @@ def check_batch_size(batch_size: object) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected `batch_size` to be a positive integer, but got {batch_size!r}.")
     return batch_size
+
+
+def check_labels(labels: object, count: int, unit: str) -> torch.Tensor:
+    """Convert integer class labels to an int64 CPU tensor ``(count,)``, one per ``unit`` (input or map)."""
+    tensor = torch.as_tensor(labels)
+    if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"Expected `labels` to be integer class labels, but got dtype {tensor.dtype}.")
+    if tensor.dim() != 1 or tensor.shape[0] != count:
+        raise ValueError(
+            f"Expected `labels` to have one entry per {unit} ({count}), but got shape {tuple(tensor.shape)}."
+        )
+    return tensor.to(device="cpu", dtype=torch.int64)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from efmap._checks import check_finite, check_floating
+from efmap._checks import check_finite, check_floating, check_labels
 from efmap._typing import Reduction
 from efmap._warnings import EfmapWarning
 from efmap.normalize import minmax
@@ -232,11 +232,7 @@ class HeatMapAccumulator:
 def _as_labels(labels: int | Sequence[int] | torch.Tensor, count: int) -> torch.Tensor:
     if isinstance(labels, bool):
         raise TypeError(f"Expected `labels` to be integer class labels, but got {labels!r}.")
-    tensor = torch.full((count,), labels) if isinstance(labels, int) else torch.as_tensor(labels)
-    if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.is_complex():
-        raise TypeError(f"Expected `labels` to be integer class labels, but got dtype {tensor.dtype}.")
-    if tensor.dim() != 1 or tensor.shape[0] != count:
-        raise ValueError(f"Expected `labels` to have one entry per map ({count}), but got shape {tuple(tensor.shape)}.")
+    tensor = check_labels(torch.full((count,), labels) if isinstance(labels, int) else labels, count, "map")
     if count and int(tensor.min()) < 0:
         raise ValueError(f"Expected non-negative class labels, but got {int(tensor.min())}.")
-    return tensor.to(device="cpu", dtype=torch.int64)
+    return tensor

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
-from efmap._checks import check_batch_size, check_finite, check_floating, check_in_range, check_value_range
+from efmap._checks import (
+    check_batch_size,
+    check_finite,
+    check_floating,
+    check_in_range,
+    check_labels,
+    check_value_range,
+)
 from efmap._model import OutputFn, evaluation_mode, model_device_dtype, read_scores
 from efmap._typing import Model, ValueRange
 from efmap.evaluate.fills import EvalFill, Filler, describe_fill
@@ -138,7 +145,7 @@ def accuracy(
     """
     check_floating(inputs, "inputs")
     check_finite(inputs, "inputs")
-    label_tensor = _as_labels(labels, inputs.shape[0])
+    label_tensor = check_labels(labels, inputs.shape[0], "input")
     batch_size = check_batch_size(batch_size)
     device, dtype = model_device_dtype(model)
 
@@ -285,7 +292,7 @@ def masked_accuracy(
     check_floating(inputs, "inputs")
     check_finite(inputs, "inputs")
     check_in_range(inputs, "inputs", check_value_range(value_range), strict=False)
-    _as_labels(labels, inputs.shape[0])
+    check_labels(labels, inputs.shape[0], "input")
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"Expected `mask` to be a boolean tensor, but got {getattr(mask, 'dtype', type(mask))}.")
     _check_mask_shape(inputs[:1], mask)
@@ -326,13 +333,3 @@ def _check_label_range(labels: torch.Tensor, num_classes: int) -> None:
             f"Expected `labels` in [0, {num_classes - 1}] for a model with {num_classes} outputs, but got {bad}."
         )
 
-
-def _as_labels(labels: Sequence[int] | torch.Tensor, count: int) -> torch.Tensor:
-    tensor = torch.as_tensor(labels)
-    if tensor.is_floating_point() or tensor.dtype == torch.bool:
-        raise TypeError(f"Expected `labels` to be integer class labels, but got dtype {tensor.dtype}.")
-    if tensor.dim() != 1 or tensor.shape[0] != count:
-        raise ValueError(
-            f"Expected `labels` to have one entry per input ({count}), but got shape {tuple(tensor.shape)}."
-        )
-    return tensor.to(device="cpu", dtype=torch.int64)
