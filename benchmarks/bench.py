@@ -144,7 +144,7 @@ def age_resnet_workload(features: int, full: bool, repeats: int) -> Workload:
 
 
 def vgg_workload(features: int, repeats: int) -> Workload:
-    """A plain VGG-style net at 224x224, scored on a central block of pixels like the AgeResNet workload."""
+    """Build a plain VGG-style net at 224x224, scored on a central block of pixels like the AgeResNet workload."""
     from incremental import vgg_style
 
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Input checks shared by the public entry points.
 
 Every check raises before any forward pass, with a message that names the
-offending value and says how to fix it.
+offending value and gives the fix.
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CliError(f"{file} is not an efmap accumulator state: it is {description}.")
     try:
         with warnings.catch_warnings():
-            # torch.load warns about some files it then rejects; the error below says all there is to say.
+            # torch.load warns about some files it then rejects; the error below replaces that warning.
             warnings.simplefilter("ignore")
             state = torch.load(file, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
@@ -444,7 +444,7 @@ def _pillow() -> Any:
 def error_summary(error: BaseException) -> str:
     """Return the line of an exception's message that states the cause, without a final period.
 
-    That is the first line, except for TorchScript errors: their first line only says that an
+    That is the first line, except for TorchScript errors: their first line only reports that an
     operation failed in the interpreter, and the cause, such as ``RuntimeError: Given groups=1, ...``,
     is the last line after two tracebacks.
     """

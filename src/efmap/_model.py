@@ -29,7 +29,7 @@ def read_scores(output: Any, output_fn: OutputFn | None, batch: int, *, check: b
     """Turn a model output into class scores ``(batch, K)``.
 
     With ``check`` the output is validated and a failure raises a message
-    that says what the model returned and how to adapt it.
+    that names what the model returned and how to adapt it.
     """
     if output_fn is not None:
         output = output_fn(output)

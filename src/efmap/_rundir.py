@@ -66,7 +66,7 @@ MAP_KEYS = (
 class ResumeError(ValueError):
     """A run directory that cannot be resumed.
 
-    ``reason`` says why, without the fix. The fix names an option, which the
+    ``reason`` gives the cause, without the fix. The fix names an option, which the
     Python API and the command line spell differently, so :meth:`message`
     builds it from the spelling of the caller.
     """

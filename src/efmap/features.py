@@ -1,4 +1,4 @@
-"""How inputs split into features: pixels, square patches or an integer feature mask.
+"""Splitting of inputs into features: pixels, square patches or an integer feature mask.
 
 A feature is the set of input elements that are reversed together. The layout
 assigns every element a dense feature index ``0 .. F - 1``; elements with the

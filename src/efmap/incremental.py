@@ -11,7 +11,7 @@ a layer's output that recomputing it costs more than the whole layer, the
 remaining layers run on whole maps.
 
 The engine traces the model with :mod:`torch.fx` and runs only layers whose
-spatial reach it knows (see :func:`incremental_outputs`). For any other model it
+spatial reach it can compute (see :func:`incremental_outputs`). For any other model it
 falls back to the dense engine and logs why at INFO level, so a map is never
 computed with a rule that does not fit the model.
 

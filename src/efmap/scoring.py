@@ -285,7 +285,7 @@ def _as_batch(inputs: torch.Tensor, *, image: bool) -> torch.Tensor:
         return inputs
     raise ValueError(
         f"Expected image `inputs` of shape (H, W), (C, H, W) or (N, C, H, W), but got {shape}. "
-        "For other inputs pass a feature_mask that says which elements form a feature."
+        "For other inputs pass a feature_mask that assigns the elements of each feature form a feature."
     )
 
 
@@ -316,7 +316,7 @@ def _clean_forward(
 ) -> torch.Tensor:
     """Score the clean inputs, validating the model output and warning if the model is not deterministic.
 
-    ``shape_note`` says how an unbatched input was read; it is added to any error of the first
+    ``shape_note`` describes how an unbatched input was read. It is added to any error of the first
     forward pass, since a misread shape is the usual cause.
     """
     chunks = []

@@ -236,7 +236,7 @@ def masked_accuracy(
     removed (the inverse mask), with ``num_random`` random masks that keep as many
     features, and with a centered box that keeps as many features. The random masks are
     the honest control: if they keep as much accuracy as the landmarks, the landmarks
-    carry no special information. The box tells whether "the middle of the image" alone
+    carry no special information. The box shows whether "the middle of the image" alone
     would do as well.
 
     Parameters
